@@ -1,0 +1,168 @@
+"""Guidance (stage 3 of the data flow): classifier guidance and classifier-free guidance (spec §4-§6).
+
+A guidance object holds the *what* (classifier and scale, or CFG scale and null label), the *when* (a
+policy from :mod:`cg_fast.policies`, re-exported here) and the *what in between* (a cache mode from
+:mod:`cg_fast.cache`). It computes fresh guidance only at the policy's steps; the step kernel applies it.
+
+    from cg_fast.guidance import Full, Compress, EarlyStop, UniformSkip, Interval
+    ClassifierGuidance(classifier, scale=1.0, policy=Compress(rate=5, k=1, final=2), cache="compress")
+    CFG(scale=4.0, null_label=1000, policy=Compress(rate=5, k=1), cache="drop", channels=None)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import CACHE_MODES, CachePlan, cache_plan, check_cache_args
+from .policies import Compress, EarlyStop, Full, Interval, Policy, UniformSkip, make_policy
+
+__all__ = ["ClassifierGuidance", "CFG", "ClassifierRecord", "classifier_log_prob",
+           "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "Policy", "make_policy", "CACHE_MODES"]
+
+
+@dataclass
+class ClassifierRecord:
+    """One classifier evaluation at step j (spec §7): log p(y | x_j) and whether argmax == y, per row."""
+
+    log_prob: Tensor
+    correct: Tensor
+
+    @property
+    def loss(self) -> float:
+        """Cross-entropy averaged over the batch."""
+        return float(-self.log_prob.float().mean())
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean())
+
+
+def _record(logits: Tensor, y: Tensor) -> ClassifierRecord:
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return ClassifierRecord(log_probs[rows, y].detach(), (logits.argmax(dim=-1) == y).detach())
+
+
+def _check_logits(logits: Tensor, batch: int, y: Tensor, who: str) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"{who} must return logits of shape [B, K] = [{batch}, K], got {shape}")
+    k = logits.shape[1]
+    if bool((y >= k).any()):
+        raise ValueError(f"labels out of range for the {who}: it has {k} classes but got label "
+                         f"{int(y.max())}; labels must lie in [0, {k})")
+
+
+def classifier_log_prob(classifier: Callable, x: Tensor, t: Tensor, y: Tensor,
+                        check: bool = True) -> ClassifierRecord:
+    """Evaluate a classifier without gradient (off-sampling diagnostics, spec §7).
+
+    ``check`` validates the logits' shape and the label range (a host sync: do it once, not every step).
+    """
+    with torch.no_grad():
+        logits = classifier(x, t)
+    if check:
+        _check_logits(logits, x.shape[0], y, "off-sampling classifier")
+    return _record(logits, y)
+
+
+@dataclass
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021) with a policy and a cache mode (spec §3-§5).
+
+    Args:
+        classifier: ``classifier(x, t) -> logits [B, K]``, t the original training timesteps.
+        scale:      s, the classifier scale (``--classifier_scale`` of guided-diffusion).
+        policy:     which steps compute g_j (default: CompG, ``Compress(rate=5, k=1, final=2)``).
+        cache:      drop | compress | reuse | momentum (spec §4); compress is the paper's method.
+        beta:       momentum weight of the old state (cache='momentum').
+        decay:      gamma, applied to h at skipped steps (cache='momentum').
+    """
+
+    classifier: Callable[[Tensor, Tensor], Tensor]
+    scale: float = 1.0
+    policy: Policy = field(default_factory=Compress)
+    cache: str = "compress"
+    beta: float = 0.0
+    decay: float = 1.0
+    kind = "classifier"
+
+    def __post_init__(self) -> None:
+        if not callable(self.classifier):
+            raise TypeError("classifier must be callable as classifier(x, t) -> logits [B, K]")
+        _check_common(self)
+
+    @property
+    def guide_scale(self) -> float:
+        """The GUIDE_S column: s."""
+        return float(self.scale)
+
+    def plan(self, mask: list[bool]) -> CachePlan:
+        return cache_plan(mask, self.cache, self.beta, self.decay)
+
+    def gradient(self, x: Tensor, t: Tensor, y: Tensor, check: bool = True) -> tuple[Tensor, ClassifierRecord]:
+        """g = grad_x log softmax(classifier(x, t))[y] (one forward + backward), and the on-sampling record.
+
+        ``check`` validates the logits' shape and the label range (a host sync: once per run suffices).
+        """
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = self.classifier(x_in, t)
+            if check:
+                _check_logits(logits, x.shape[0], y, "classifier")
+            log_probs = F.log_softmax(logits, dim=-1)
+            selected = log_probs[torch.arange(len(logits), device=logits.device), y.view(-1)]
+            (g,) = torch.autograd.grad(selected.sum(), x_in)
+        return g, _record(logits.detach(), y)
+
+
+@dataclass
+class CFG:
+    """Classifier-free guidance with the DiT convention ``eps = eps_u + w (eps_c - eps_u)`` (spec §6).
+
+    Args:
+        scale:      w (1 = conditional only).
+        null_label: the label of the unconditional pass (``num_classes`` for the public ADM/DiT models).
+        policy:     which steps run the unconditional pass (default: ``Compress(rate=5, k=1)``).
+        cache:      drop (the authors' code) | compress | reuse | momentum.
+        channels:   apply CFG to the first ``channels`` channels only (DiT uses 3 of 4); None = all.
+        batched:    run the conditional and unconditional passes as one 2B batch (else two passes).
+    """
+
+    scale: float = 4.0
+    null_label: int = 1000
+    policy: Policy = field(default_factory=Compress)
+    cache: str = "drop"
+    beta: float = 0.0
+    decay: float = 1.0
+    channels: int | None = None
+    batched: bool = True
+    kind = "cfg"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if isinstance(self.null_label, bool) or not isinstance(self.null_label, int) or self.null_label < 0:
+            raise ValueError(f"null_label must be a non-negative integer, got {self.null_label!r}")
+        if self.channels is not None and (not isinstance(self.channels, int) or self.channels < 1):
+            raise ValueError(f"channels must be a positive integer or None (all channels), got {self.channels!r}")
+
+    @property
+    def guide_scale(self) -> float:
+        """The GUIDE_S column: w - 1, since eps = eps_c + (w - 1) a (spec §6)."""
+        return float(self.scale) - 1.0
+
+    def plan(self, mask: list[bool]) -> CachePlan:
+        return cache_plan(mask, self.cache, self.beta, self.decay)
+
+
+def _check_common(g) -> None:
+    if not isinstance(g.policy, Policy):
+        raise TypeError(f"policy must be a cg_fast.guidance policy (Full(), Compress(...), ...), got "
+                        f"{type(g.policy).__name__}")
+    if isinstance(g.scale, bool) or not isinstance(g.scale, (int, float)) or g.scale != g.scale:
+        raise ValueError(f"scale must be a finite number, got {g.scale!r}")
+    check_cache_args(g.cache, g.beta, g.decay)

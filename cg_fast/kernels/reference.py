@@ -1,0 +1,183 @@
+"""Pure-PyTorch reference of the sampler step: the semantics every fused kernel must reproduce.
+
+Stage 4 of the data flow (schedule -> denoiser -> guidance -> step kernel). The operations and their
+order are those of OpenAI guided-diffusion's ``p_sample`` / ``ddim_sample`` with ``cond_fn`` (float32 math on
+coefficients cast from float64), so that with full guidance a seeded run reproduces its samples bit for bit
+on the CPU. The cached-guidance update of spec §4 is done in the same call.
+
+Notation (spec §2, §4-§6), per batch row, ``coef`` columns named by :class:`~cg_fast.kernels.table.Col`:
+    x        x_t, the float32 state                     o      model output (eps, x0 or v; + variance channels)
+    g        fresh classifier gradient (guided steps)    d      eps_c - eps_u, fresh CFG direction
+    h        cache state (reuse / momentum), in place    a      applied guidance = H_DECAY * h + G_WEIGHT * g
+    s        GUIDE_S: classifier scale s, or w - 1 for CFG
+Memory traffic of one DDPM step (fp32, n elements): read x, o (1x or 2x), z, [g], [h]; write x', [h].
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .table import Col
+
+__all__ = ["ddpm_step_ref", "ddim_step_ref", "GUIDE_KINDS", "PREDICTIONS"]
+
+GUIDE_KINDS = ("none", "classifier", "cfg")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def _col(coef: Tensor, k: Col, ndim: int) -> Tensor:
+    """Column ``k`` of the per-row table, shaped [B, 1, ..., 1] to broadcast against x."""
+    return coef[:, int(k)].reshape(-1, *([1] * (ndim - 1)))
+
+
+def _applied_guidance(coef: Tensor, fresh: Tensor | None, h: Tensor | None, ndim: int) -> Tensor | None:
+    """Spec §4: ``a = H_DECAY * h + G_WEIGHT * fresh`` (terms that are absent are left out); ``h <- a``.
+
+    drop / compress have no state: a = m_j * g at guided steps, nothing elsewhere. reuse / momentum keep h:
+    the table's weights are (0, 1) at the first guided step, (beta, 1 - beta) at later ones and (gamma, 0)
+    at skipped ones. ``0 * h + 1 * g`` equals ``g`` exactly, so full guidance stays bitwise vanilla.
+    """
+    if h is None:
+        return None if fresh is None else fresh * _col(coef, Col.G_WEIGHT, ndim)
+    a = h * _col(coef, Col.H_DECAY, ndim)
+    if fresh is not None:
+        a = a + fresh * _col(coef, Col.G_WEIGHT, ndim)
+    h.copy_(a)
+    return a
+
+
+def _split(model_out: Tensor, channels: int, learned_var: bool) -> tuple[Tensor, Tensor | None]:
+    o = model_out.float()
+    if learned_var:
+        return o[:, :channels], o[:, channels:]
+    return o, None
+
+
+def _cfg_combine(eps_c: Tensor, uncond_out: Tensor | None, coef: Tensor, h: Tensor | None,
+                 cfg_channels: int | None) -> Tensor:
+    """Spec §6: ``eps = eps_c + (w - 1) * a`` with ``a`` the cached direction, on the first channels only."""
+    c = eps_c.shape[1]
+    d = None
+    if uncond_out is not None:
+        d = eps_c - uncond_out.float()[:, :c]
+    a = _applied_guidance(coef, d, h, eps_c.dim())
+    if a is None:
+        return eps_c
+    guided = eps_c + _col(coef, Col.GUIDE_S, eps_c.dim()) * a
+    if cfg_channels is None or cfg_channels >= c:
+        return guided
+    return torch.cat([guided[:, :cfg_channels], eps_c[:, cfg_channels:]], dim=1)
+
+
+def _pred_x0(x: Tensor, o: Tensor, coef: Tensor, prediction: str, clip: bool) -> Tensor:
+    nd = x.dim()
+    if prediction == "eps":
+        x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * o
+    elif prediction == "v":
+        x0 = _col(coef, Col.SQRT_AC, nd) * x - _col(coef, Col.SQRT_1M_AC, nd) * o
+    elif prediction == "x0":
+        x0 = o
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def _eps_from_x0(x: Tensor, x0: Tensor, coef: Tensor) -> Tensor:
+    nd = x.dim()
+    return (_col(coef, Col.SQRT_RECIP_AC, nd) * x - x0) / _col(coef, Col.SQRT_RECIPM1_AC, nd)
+
+
+def _check_kind(guide: str, fresh: Tensor | None, h: Tensor | None) -> None:
+    if guide not in GUIDE_KINDS:
+        raise ValueError(f"unknown guide kind {guide!r}: use one of {GUIDE_KINDS}")
+    if guide == "none" and (fresh is not None or h is not None):
+        raise ValueError("guide='none' takes neither fresh guidance nor a cache state")
+
+
+def ddpm_step_ref(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor,
+    *,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One DDPM ancestral step (ADM ``p_sample`` + ``condition_mean``; spec §5), returns x_{t-1}.
+
+    guide="classifier": ``fresh`` is the classifier gradient g at x_t (or None at a skipped step);
+    guide="cfg": ``model_out`` is the conditional output and ``fresh`` the unconditional one (or None).
+    ``h`` (reuse/momentum cache) is updated in place. ``out`` may alias ``x``.
+    """
+    _check_kind(guide, fresh, h)
+    nd = x.dim()
+    eps_or_o, v = _split(model_out, x.shape[1], learned_var)
+    if guide == "cfg":
+        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
+    # 1. predicted x0 (optionally clipped), 2. posterior mean  (ADM p_mean_variance)
+    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
+    mean = _col(coef, Col.POST_C1, nd) * x0 + _col(coef, Col.POST_C2, nd) * x
+    # 3. variance: fixed, or learned-range interpolation in log space (spec §5)
+    if v is not None:
+        frac = (v + 1) / 2
+        log_var = frac * _col(coef, Col.MAX_LOG, nd) + (1 - frac) * _col(coef, Col.MIN_LOG, nd)
+        var = torch.exp(log_var)
+    else:
+        log_var = _col(coef, Col.LOG_VAR, nd).expand_as(x)
+        var = _col(coef, Col.VAR, nd)
+    # 4. classifier guidance shifts the mean: mean + Var * (s * a)   (spec §5, ADM condition_mean)
+    if guide == "classifier":
+        a = _applied_guidance(coef, fresh, h, nd)
+        if a is not None:
+            mean = mean + var * (a * _col(coef, Col.GUIDE_S, nd))
+    # 5. x_{t-1} = mean + sqrt(Var) z, no noise on the last step
+    x_next = mean + _col(coef, Col.NONZERO, nd) * torch.exp(0.5 * log_var) * noise
+    if out is not None:
+        return out.copy_(x_next)
+    return x_next
+
+
+def ddim_step_ref(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor,
+    *,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One DDIM step (ADM ``ddim_sample`` + ``condition_score``; spec §5), returns x_{t-1}.
+
+    Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
+    :func:`ddpm_step_ref`; variance channels of a learned-variance model are ignored, as in ADM.
+    """
+    _check_kind(guide, fresh, h)
+    nd = x.dim()
+    eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
+    if guide == "cfg":
+        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
+    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
+    if guide == "classifier":
+        a = _applied_guidance(coef, fresh, h, nd)
+        if a is not None:
+            eps = _eps_from_x0(x, x0, coef)
+            eps = eps - _col(coef, Col.DDIM_SQRT_1M_AC, nd) * (a * _col(coef, Col.GUIDE_S, nd))
+            x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * eps
+    eps = _eps_from_x0(x, x0, coef)
+    mean = x0 * _col(coef, Col.DDIM_SQRT_ACP, nd) + _col(coef, Col.DDIM_DIR, nd) * eps
+    x_next = mean + _col(coef, Col.NONZERO, nd) * _col(coef, Col.DDIM_SIGMA, nd) * noise
+    if out is not None:
+        return out.copy_(x_next)
+    return x_next

@@ -1,0 +1,178 @@
+"""Guidance policies (spec §3): which sampling steps compute fresh guidance.
+
+A policy is a pure function of the number of steps ``N`` (and, for :class:`Interval`, of the schedule's
+noise levels) computed once before the loop, so control flow inside the loop is static. Masks are in
+sampling order: index ``j = 0`` is the first, noisiest step; the paper counts ``t = N - 1 - j``.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Union
+
+from .schedules import SpacedSchedule
+
+__all__ = ["Policy", "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "gaps", "make_policy",
+           "POLICY_NAMES"]
+
+Steps = Union[int, SpacedSchedule]
+
+
+def _num_steps(steps: Steps) -> int:
+    n = steps.num_steps if isinstance(steps, SpacedSchedule) else steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of sampling steps must be a positive integer, got {steps!r}")
+    return n
+
+
+class Policy(ABC):
+    """Base class: ``mask(N)`` says which of the N sampling steps (j = 0..N-1) get fresh guidance."""
+
+    name: str = "policy"
+
+    @abstractmethod
+    def mask(self, steps: Steps) -> list[bool]:
+        """Guided-step mask in sampling order; ``steps`` is N or a :class:`SpacedSchedule`."""
+
+    def guided_steps(self, steps: Steps) -> list[int]:
+        """Sampling-order indices ``j`` with fresh guidance."""
+        return [j for j, g in enumerate(self.mask(steps)) if g]
+
+
+def gaps(mask: list[bool]) -> list[int]:
+    """Compress multipliers (spec §4): ``m_j`` = distance to the next guided step, 0 where not guided.
+
+    The last guided step counts to the end, so ``sum(m) == N`` whenever step 0 is guided.
+    """
+    n = len(mask)
+    m = [0] * n
+    nxt = n
+    for j in range(n - 1, -1, -1):
+        if mask[j]:
+            m[j] = nxt - j
+            nxt = j
+    return m
+
+
+def _check_final(final: int) -> int:
+    if isinstance(final, bool) or not isinstance(final, int) or final < 0:
+        raise ValueError(f"final must be an integer >= 0 (the number of last steps always guided), got {final!r}")
+    return final
+
+
+def _final_steps(n: int, final: int) -> set[int]:
+    # t in {0 .. final-1}  <=>  j in {N-final .. N-1}
+    return {n - 1 - t for t in range(min(final, n))}
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Fresh guidance at every step (the ADM / DiT baseline)."""
+
+    name = "full"
+
+    def mask(self, steps: Steps) -> list[bool]:
+        return [True] * _num_steps(steps)
+
+
+@dataclass(frozen=True)
+class Compress(Policy):
+    """CompG schedule (spec §3): ``|G| = N // rate`` steps packed early by the power ``k``, plus ``final``.
+
+    ``G = { N-1 - floor(c * i^k) : i = 0..|G|-1 } U { 0..final-1 }`` in the paper's t, with
+    ``c = N / |G|^k``. ``k = 1`` is uniform; ``k > 1`` packs guided steps into the noisy start.
+    Counts for N = 250, rate 5: k=1 -> 52, k=2 -> 49, k=3 -> 43, k=4 -> 38, k=5 -> 34, k=6 -> 30.
+    If ``N < rate``, one step (j = 0) is kept so that the schedule is never empty.
+    """
+
+    rate: int = 5
+    k: float = 1
+    final: int = 2
+    name = "compress"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate < 1:
+            raise ValueError(f"Compress rate must be an integer >= 1 (guide about 1 step in `rate`), got {self.rate!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
+            raise ValueError(f"Compress k must be a number > 0 (1 = uniform, >1 = packed early), got {self.k!r}")
+        _check_final(self.final)
+
+    def mask(self, steps: Steps) -> list[bool]:
+        n = _num_steps(steps)
+        size = max(1, n // self.rate)
+        c = n / size ** self.k
+        guided = {math.floor(c * i ** self.k) for i in range(size)}  # j = N-1-t = floor(c i^k)
+        guided |= _final_steps(n, self.final)
+        return [j in guided for j in range(n)]
+
+
+@dataclass(frozen=True)
+class EarlyStop(Policy):
+    """Guide the first ``ceil(fraction * N)`` steps only (the paper's ES baseline)."""
+
+    fraction: float = 0.2
+    name = "early_stop"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"EarlyStop fraction must lie in [0, 1], got {self.fraction!r}")
+
+    def mask(self, steps: Steps) -> list[bool]:
+        n = _num_steps(steps)
+        count = math.ceil(self.fraction * n - 1e-9)  # tolerate 0.2 * 250 = 50.000000000000007
+        return [j < count for j in range(n)]
+
+
+@dataclass(frozen=True)
+class UniformSkip(Policy):
+    """Guide where ``(t + 1) % rate == 0`` or ``t < final`` (the paper's UG baseline), t = N-1-j."""
+
+    rate: int = 5
+    final: int = 2
+    name = "uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate < 1:
+            raise ValueError(f"UniformSkip rate must be an integer >= 1, got {self.rate!r}")
+        _check_final(self.final)
+
+    def mask(self, steps: Steps) -> list[bool]:
+        n = _num_steps(steps)
+        return [((n - 1 - j) + 1) % self.rate == 0 or (n - 1 - j) < self.final for j in range(n)]
+
+
+@dataclass(frozen=True)
+class Interval(Policy):
+    """Guide where sigma_t = sqrt((1 - alpha_bar) / alpha_bar) lies in [lo, hi] (Kynkaanniemi et al. 2024).
+
+    Needs the respaced schedule: ``mask(sampler.schedule)``.
+    """
+
+    lo: float = 0.0
+    hi: float = math.inf
+    name = "interval"
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.lo <= self.hi):
+            raise ValueError(f"Interval needs 0 <= lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
+
+    def mask(self, steps: Steps) -> list[bool]:
+        if not isinstance(steps, SpacedSchedule):
+            raise TypeError("Interval.mask needs the respaced schedule (sigma per step), not a step count: "
+                            "pass sampler.schedule")
+        sig = steps.sigmas[::-1]  # sampling order
+        return [bool(self.lo <= s <= self.hi) for s in sig]
+
+
+POLICY_NAMES = ("full", "compress", "early_stop", "uniform", "interval")
+
+
+def make_policy(name: str, **params) -> Policy:
+    """A policy from its name (CLI and configs): full, compress, early_stop, uniform, interval."""
+    classes = {"full": Full, "compress": Compress, "early_stop": EarlyStop, "uniform": UniformSkip,
+               "interval": Interval}
+    if name not in classes:
+        raise ValueError(f"unknown guidance policy {name!r}: use one of {POLICY_NAMES}")
+    return classes[name](**params)

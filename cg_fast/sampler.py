@@ -1,0 +1,376 @@
+"""The sampling loop: DDPM ancestral and DDIM with guidance at planned steps (spec §3-§6).
+
+Data flow per step j (j = 0 is the noisiest step):
+
+    schedule table row j ──┐
+    x_j ── denoiser(x_j, t_j, y) ── o_j ──┤
+                 (CFG, guided j: also the unconditional pass -> fresh d_j)
+    z_j = randn_like(x_j)                  ├── step kernel ──> x_{j+1}, h
+    x_j ── classifier grad (guided j) ── g_j ┘
+
+With ``generator=None`` the random numbers are drawn exactly as guided-diffusion draws them (``randn(*shape)``
+for x_0, then one ``randn_like(x)`` per step, after the model call, the last one masked), so with full
+guidance ``torch.manual_seed(s)`` reproduces its samples on the CPU bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .guidance import CFG, ClassifierGuidance, ClassifierRecord, classifier_log_prob
+from .kernels.table import NUM_COLS, VARIANCE_TYPES, Col, schedule_columns
+from .schedules import NoiseSchedule, SpacedSchedule
+
+__all__ = ["Sampler", "SampleOutput", "SamplingStats", "NonFiniteError", "METHODS"]
+
+METHODS = ("ddpm", "ddim")
+Guidance = ClassifierGuidance | CFG
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a model output or a classifier gradient; the message names the step."""
+
+
+@dataclass
+class SamplingStats:
+    """Exact accounting of one sampling run.
+
+    denoiser_passes:  number of model calls.
+    denoiser_rows:    total batch rows the model processed (a CFG guided step adds 2B, a skipped one B).
+    classifier_grads: number of classifier forward+backward calls.
+    guided_steps:     sampling-order indices j with fresh guidance.
+    on_sampling:      j -> log p(y | x_j) and accuracy of the guiding classifier (where computed, spec §7).
+    off_sampling:     j -> the same from an independent classifier, at every step (when one is given).
+    wall_time:        seconds for the whole loop.
+    """
+
+    denoiser_passes: int = 0
+    denoiser_rows: int = 0
+    classifier_grads: int = 0
+    guided_steps: list[int] = field(default_factory=list)
+    on_sampling: dict[int, ClassifierRecord] = field(default_factory=dict)
+    off_sampling: dict[int, ClassifierRecord] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and final diagnostics as plain numbers (for tables and JSON)."""
+        out: dict[str, Any] = {
+            "denoiser_passes": self.denoiser_passes,
+            "denoiser_rows": self.denoiser_rows,
+            "classifier_grads": self.classifier_grads,
+            "guided_steps": len(self.guided_steps),
+            "wall_time": self.wall_time,
+        }
+        for name, recs in (("on_sampling", self.on_sampling), ("off_sampling", self.off_sampling)):
+            if recs:
+                last = recs[max(recs)]
+                out[f"{name}_loss"] = last.loss
+                out[f"{name}_accuracy"] = last.accuracy
+        return out
+
+
+@dataclass
+class SampleOutput:
+    x: Tensor
+    stats: SamplingStats
+
+
+def _num_classes_of(model: Any) -> int | None:
+    cfg = getattr(model, "cg_config", None)
+    for obj in (cfg, model):
+        k = getattr(obj, "num_classes", None)
+        if isinstance(k, int) and k > 0:
+            return k
+    return None
+
+
+class Sampler:
+    """Guided diffusion sampler over a respaced schedule (ADM conventions).
+
+    Args:
+        model:         ``model(x, t, y=None) -> Tensor``; t a long tensor [B] of ORIGINAL training timesteps.
+        schedule:      the training :class:`NoiseSchedule` (e.g. ``NoiseSchedule.linear(1000)``).
+        steps:         ADM respacing: "250", "50", "ddim25", "10,15,20", or an int.
+        method:        "ddpm" (ancestral) or "ddim".
+        eta:           DDIM noise (0.0 = deterministic).
+        learn_sigma:   the model returns 2C channels (eps, v) with learned-range variance (ADM, DiT).
+        clip_denoised: clamp predicted x0 to [-1, 1] (pixel models; not for latents).
+        prediction:    what the model predicts: "eps", "x0" or "v".
+        class_cond:    pass y to the model; False for an unconditional model guided by a classifier.
+        variance:      fixed variance when not learn_sigma: "fixed_large" (ADM default) or "fixed_small".
+        off_classifier: an independent classifier whose loss/accuracy is recorded every step (spec §7).
+        num_classes:   label range to validate y against (default: the model's ``num_classes`` if any).
+        check_finite:  raise on NaN/inf in model outputs and gradients, naming the step. None (default):
+                       every step on the CPU; on a GPU flags are kept on the device and checked once at
+                       the end, so no step pays a host sync. False: no check.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        schedule: NoiseSchedule,
+        steps: str | int | Sequence[int] = "250",
+        method: str = "ddpm",
+        *,
+        eta: float = 0.0,
+        learn_sigma: bool = False,
+        clip_denoised: bool = True,
+        prediction: str = "eps",
+        class_cond: bool = True,
+        variance: str = "fixed_large",
+        off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
+        num_classes: int | None = None,
+        check_finite: bool | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError("model must be callable as model(x, t, y=None) -> Tensor")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError("schedule must be a cg_fast.NoiseSchedule (e.g. NoiseSchedule.linear(1000)), "
+                            f"got {type(schedule).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"unknown sampling method {method!r}: use one of {METHODS}")
+        if prediction not in kernels.PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}: use one of {kernels.PREDICTIONS}")
+        if variance not in VARIANCE_TYPES:
+            raise ValueError(f"unknown variance {variance!r}: use one of {VARIANCE_TYPES}")
+        if method == "ddpm" and eta != 0.0:
+            raise ValueError("eta is a DDIM parameter: use method='ddim' or leave eta at 0.0")
+        self.model = model
+        self.base_schedule = schedule
+        self.schedule: SpacedSchedule = schedule.respace(steps)
+        self.method = method
+        self.eta = float(eta)
+        self.learn_sigma = bool(learn_sigma)
+        self.clip_denoised = bool(clip_denoised)
+        self.prediction = prediction
+        self.class_cond = bool(class_cond)
+        self.variance = variance
+        self.off_classifier = off_classifier
+        self.num_classes = num_classes if num_classes is not None else _num_classes_of(model)
+        self.check_finite = check_finite
+        self._columns = schedule_columns(self.schedule, variance=variance, eta=self.eta)
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    # -- planning -------------------------------------------------------------------------------------------
+    def guided_mask(self, guidance: Guidance | None) -> list[bool]:
+        """The guided-step mask of ``guidance``'s policy over this sampler's steps (sampling order)."""
+        if guidance is None:
+            return [False] * self.num_steps
+        return guidance.policy.mask(self.schedule)
+
+    def table(self, guidance: Guidance | None) -> Tensor:
+        """The float32 ``[N, NUM_COLS]`` coefficient table for one run (schedule + guidance columns)."""
+        table = self._columns.clone()
+        if guidance is not None:
+            plan = guidance.plan(self.guided_mask(guidance))
+            table[:, Col.GUIDE_S] = guidance.guide_scale
+            table[:, Col.H_DECAY] = torch.tensor(plan.h_decay, dtype=torch.float64).float()
+            table[:, Col.G_WEIGHT] = torch.tensor(plan.g_weight, dtype=torch.float64).float()
+        return table
+
+    # -- validation -----------------------------------------------------------------------------------------
+    def _labels(self, y: Any, batch: int, guidance: Guidance | None, device: torch.device) -> Tensor | None:
+        needs = self.class_cond or guidance is not None
+        if y is None:
+            if needs:
+                why = "the model is class-conditional" if self.class_cond else "guidance needs a target class"
+                raise ValueError(f"labels y are required ({why}): pass y as a LongTensor of shape [{batch}]")
+            return None
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((batch,), y, dtype=torch.long)
+        y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+            raise TypeError(f"labels y must be integers (a LongTensor), got dtype {y.dtype}")
+        if y.dim() != 1 or y.shape[0] != batch:
+            raise ValueError(f"labels y must have shape [{batch}] (one per sample), got {tuple(y.shape)}")
+        y = y.to(device=device, dtype=torch.long)
+        if batch and int(y.min()) < 0:
+            raise ValueError(f"labels must be >= 0, got {int(y.min())}")
+        if self.num_classes is not None and batch and int(y.max()) >= self.num_classes:
+            raise ValueError(f"labels out of range: the model has {self.num_classes} classes, got label "
+                             f"{int(y.max())}; labels must lie in [0, {self.num_classes})")
+        if isinstance(guidance, CFG):
+            if not self.class_cond:
+                raise ValueError("CFG needs a class-conditional model (class_cond=True)")
+            if bool((y == guidance.null_label).any()):
+                raise ValueError(f"a label equals the CFG null label {guidance.null_label}; the null label is "
+                                 "reserved for the unconditional pass")
+        return y
+
+    def _check_output(self, o: Tensor, x: Tensor, rows: int) -> None:
+        c = x.shape[1] if x.dim() > 1 else 1
+        if not isinstance(o, Tensor):
+            raise TypeError(f"the model must return a Tensor, got {type(o).__name__}")
+        want = c * (2 if self.learn_sigma else 1)
+        if o.dim() == x.dim() and o.shape[0] == rows and tuple(o.shape[2:]) == tuple(x.shape[2:]) \
+                and o.shape[1] == want:
+            return
+        spatial = tuple(x.shape[2:])
+        if o.dim() == x.dim() and o.shape[0] == rows and tuple(o.shape[2:]) == spatial:
+            if self.learn_sigma and o.shape[1] == c:
+                raise ValueError(f"learn_sigma=True but the model returned {c} channels (not 2 x {c} = eps and "
+                                 "variance): pass learn_sigma=False")
+            if not self.learn_sigma and o.shape[1] == 2 * c:
+                raise ValueError(f"the model returned {2 * c} channels (eps and variance, as ADM/DiT with "
+                                 f"learn_sigma) for {c}-channel x: pass learn_sigma=True")
+        raise ValueError(f"model output has shape {tuple(o.shape)}; expected [{rows}, {want}, *{spatial}] "
+                         f"(C = {c} channels of x, or 2C with learn_sigma=True)")
+
+    def _device(self, noise: Tensor | None, device: Any) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        if noise is not None:
+            return noise.device
+        params = getattr(self.model, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.device
+        return torch.device("cpu")
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def sample(
+        self,
+        shape: Sequence[int],
+        y: Tensor | Sequence[int] | int | None = None,
+        guidance: Guidance | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        progress: bool = False,
+        off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        device: Any = None,
+    ) -> SampleOutput:
+        """Draw samples of ``shape`` ([B, C, ...]) for labels ``y`` with optional guidance.
+
+        Args:
+            shape:      output shape, batch first; images [B, C, H, W] or vectors [B, d].
+            y:          class labels [B] (required for class-conditional models and for guidance).
+            guidance:   :class:`ClassifierGuidance`, :class:`CFG` or None (unguided).
+            generator:  draw all noise from it (same order as the global RNG); None: global RNG.
+            noise:      the initial x (as guided-diffusion's ``noise=``); drawn when None.
+            progress:   show a progress bar.
+            off_classifier: overrides the sampler's independent classifier for this run (spec §7).
+            callback:   called after every step with {"j", "t", "x", "guided"}.
+            device:     where to sample (default: the noise's, else the model's, else CPU).
+        Returns:
+            :class:`SampleOutput` with ``x`` (float32) and exact ``stats``.
+        """
+        if guidance is not None and not isinstance(guidance, (ClassifierGuidance, CFG)):
+            raise TypeError(f"guidance must be ClassifierGuidance, CFG or None, got {type(guidance).__name__}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be [B, C, ...] with positive sizes, got {shape}")
+        dev = self._device(noise, device)
+        batch, n = shape[0], self.num_steps
+        y = self._labels(y, batch, guidance, dev)
+        off_clf = off_classifier if off_classifier is not None else self.off_classifier
+        cfg = guidance if isinstance(guidance, CFG) else None
+        clf = guidance if isinstance(guidance, ClassifierGuidance) else None
+
+        mask = self.guided_mask(guidance)
+        stateful = guidance is not None and guidance.plan(mask).stateful
+        rows = self.table(guidance).to(dev)[:, None, :].expand(n, batch, NUM_COLS).contiguous()
+        ts = torch.as_tensor(self.schedule.original_timesteps_in_sampling_order(), device=dev)
+        ts = ts[:, None].expand(n, batch).contiguous()  # t_j per row, original training timesteps
+        if cfg is not None:
+            y_null = torch.full_like(y, cfg.null_label)
+            y2, ts2 = torch.cat([y, y_null]), torch.cat([ts, ts], dim=1)
+        step = kernels.ddpm_step if self.method == "ddpm" else kernels.ddim_step
+        guide_kind = "none" if guidance is None else guidance.kind
+
+        check = self.check_finite
+        immediate = (dev.type == "cpu") if check is None else bool(check)
+        deferred = check is None and not immediate
+        bad = torch.zeros(n, dtype=torch.bool, device=dev) if deferred else None
+
+        # x at j = 0: ADM draws th.randn(*shape) unless noise is given.
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {shape}")
+            x = noise.detach().to(device=dev, dtype=torch.float32).clone()
+        elif generator is None:
+            x = torch.randn(*shape, device=dev)
+        else:
+            x = torch.randn(shape, generator=generator, device=dev)
+        h = torch.zeros_like(x) if stateful else None
+
+        stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
+        first_grad = True
+        start = time.perf_counter()
+        for j in _progress(range(n), progress, self.method):
+            t, guided = ts[j], mask[j]
+            # 1. denoiser: conditional (or unconditional) pass; CFG guided steps add the null-label pass
+            fresh: Tensor | None = None
+            if cfg is not None and guided:
+                if cfg.batched:
+                    o2 = self.model(torch.cat([x, x]), ts2[j], y2)
+                    o, fresh = o2[:batch], o2[batch:]
+                    stats.denoiser_passes += 1
+                else:
+                    o = self.model(x, t, y)
+                    fresh = self.model(x, t, y_null)
+                    stats.denoiser_passes += 2
+                stats.denoiser_rows += 2 * batch
+            else:
+                o = self.model(x, t, y) if self.class_cond else self.model(x, t)
+                stats.denoiser_passes += 1
+                stats.denoiser_rows += batch
+            if j == 0:
+                self._check_output(o, x, batch)
+            if fresh is not None and j == stats.guided_steps[0]:
+                self._check_output(fresh, x, batch)
+            self._finite(o, "model output", j, t, immediate, bad)
+            if fresh is not None:
+                self._finite(fresh, "unconditional model output", j, t, immediate, bad)
+            # 2. noise, drawn where ADM draws it (after the model call)
+            if generator is None:
+                z = torch.randn_like(x)
+            else:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # 3. classifier gradient at guided steps only
+            if clf is not None and guided:
+                fresh, stats.on_sampling[j] = clf.gradient(x, t, y, check=first_grad)
+                first_grad = False
+                stats.classifier_grads += 1
+                self._finite(fresh, "classifier gradient", j, t, immediate, bad)
+            if off_clf is not None:
+                stats.off_sampling[j] = classifier_log_prob(off_clf, x, t, y, check=(j == 0))
+            # 4. the fused step: x_{j+1} and the cache state h (spec §4-§6)
+            x = step(x, o, rows[j], z, guide=guide_kind, fresh=fresh, h=h, prediction=self.prediction,
+                     learned_var=self.learn_sigma, clip=self.clip_denoised,
+                     cfg_channels=cfg.channels if cfg is not None else None)
+            if callback is not None:
+                callback({"j": j, "t": t, "x": x, "guided": guided})
+        if bad is not None and bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise NonFiniteError(f"NaN or inf in a model output or classifier gradient at sampling step j={j} "
+                                 f"(timestep t={int(ts[j, 0])})")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stats.wall_time = time.perf_counter() - start
+        return SampleOutput(x=x, stats=stats)
+
+    @staticmethod
+    def _finite(v: Tensor, what: str, j: int, t: Tensor, immediate: bool, bad: Tensor | None) -> None:
+        if immediate:
+            if not bool(torch.isfinite(v).all()):
+                raise NonFiniteError(f"NaN or inf in the {what} at sampling step j={j} (timestep t={int(t[0])})")
+        elif bad is not None:
+            bad[j] |= ~torch.isfinite(v).all()
+
+
+def _progress(it: range, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=f"{desc} sampling", unit="step")
