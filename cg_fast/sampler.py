@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels as kernels_mod
 from .guidance import CFG, ClassifierGuidance, ClassifierRecord, classifier_log_prob
 from .kernels.table import NUM_COLS, VARIANCE_TYPES, Col, schedule_columns
 from .schedules import NoiseSchedule, SpacedSchedule
@@ -108,6 +108,8 @@ class Sampler:
         check_finite:  raise on NaN/inf in model outputs and gradients, naming the step. None (default):
                        every step on the CPU; on a GPU flags are kept on the device and checked once at
                        the end, so no step pays a host sync. False: no check.
+        kernels:       step-kernel implementation: "auto" (Triton on CUDA, csrc on CPU, else the reference),
+                       "reference" (bitwise guided-diffusion on the CPU), "triton" or "csrc".
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Sampler:
         off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         num_classes: int | None = None,
         check_finite: bool | None = None,
+        kernels: str = "auto",
     ) -> None:
         if not callable(model):
             raise TypeError("model must be callable as model(x, t, y=None) -> Tensor")
@@ -134,8 +137,8 @@ class Sampler:
                             f"got {type(schedule).__name__}")
         if method not in METHODS:
             raise ValueError(f"unknown sampling method {method!r}: use one of {METHODS}")
-        if prediction not in kernels.PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}: use one of {kernels.PREDICTIONS}")
+        if prediction not in kernels_mod.PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}: use one of {kernels_mod.PREDICTIONS}")
         if variance not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance {variance!r}: use one of {VARIANCE_TYPES}")
         if method == "ddpm" and eta != 0.0:
@@ -153,6 +156,9 @@ class Sampler:
         self.off_classifier = off_classifier
         self.num_classes = num_classes if num_classes is not None else _num_classes_of(model)
         self.check_finite = check_finite
+        if kernels != "auto" and kernels not in kernels_mod.IMPLEMENTATIONS:
+            raise ValueError(f"unknown kernels {kernels!r}: use 'auto' or one of {kernels_mod.IMPLEMENTATIONS}")
+        self.kernels = kernels
         self._columns = schedule_columns(self.schedule, variance=variance, eta=self.eta)
 
     @property
@@ -284,7 +290,7 @@ class Sampler:
         if cfg is not None:
             y_null = torch.full_like(y, cfg.null_label)
             y2, ts2 = torch.cat([y, y_null]), torch.cat([ts, ts], dim=1)
-        step = kernels.ddpm_step if self.method == "ddpm" else kernels.ddim_step
+        step = kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step
         guide_kind = "none" if guidance is None else guidance.kind
 
         check = self.check_finite
@@ -345,8 +351,8 @@ class Sampler:
             if off_clf is not None:
                 stats.off_sampling[j] = classifier_log_prob(off_clf, x, t, y, check=(j == 0))
             # 4. the fused step: x_{j+1} and the cache state h (spec §4-§6)
-            x = step(x, o, rows[j], z, guide=guide_kind, fresh=fresh, h=h, prediction=self.prediction,
-                     learned_var=self.learn_sigma, clip=self.clip_denoised,
+            x = step(x, o, rows[j], z, impl=self.kernels, guide=guide_kind, fresh=fresh, h=h,
+                     prediction=self.prediction, learned_var=self.learn_sigma, clip=self.clip_denoised,
                      cfg_channels=cfg.channels if cfg is not None else None)
             if callback is not None:
                 callback({"j": j, "t": t, "x": x, "guided": guided})

@@ -46,7 +46,7 @@ def test_bitwise_equal_to_guided_diffusion(case, guided, tiny_eps, tiny_eps_lear
                     cond_fn=make_cond_fn(tiny_classifier, scale) if guided else None, method=method, eta=eta)
 
     sampler = Sampler(model, sched, steps, method, eta=eta, learn_sigma=learned, clip_denoised=clip,
-                      class_cond=class_cond, variance=variance)
+                      class_cond=class_cond, variance=variance, kernels="reference")
     guid = ClassifierGuidance(tiny_classifier, scale, policy=Full(), cache="drop") if guided else None
     torch.manual_seed(1234)
     got = sampler.sample(SHAPE, y=y, guidance=guid)

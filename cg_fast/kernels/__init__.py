@@ -1,15 +1,108 @@
-"""Step kernels (stage 4 of the data flow): one fused pass per sampling step.
+"""Step kernels (stage 4 of the data flow): one fused memory pass per sampling step.
 
-``ddpm_step`` / ``ddim_step`` dispatch to an implementation; all share the signature of the pure-PyTorch
-reference in :mod:`cg_fast.kernels.reference`, which defines the semantics (spec §4-§6).
+Three implementations share one signature (that of :func:`ddpm_step_ref` / :func:`ddim_step_ref`):
+
+    reference  plain PyTorch, the semantics (spec §4-§6); bitwise guided-diffusion on the CPU
+    triton     fused Triton kernels (cg_fast/kernels/triton_step.py), default on CUDA tensors
+    csrc       C++ (OpenMP) / CUDA operators torch.ops.cg_fast.* built from csrc/, default on CPU tensors
+
+:func:`ddpm_step` / :func:`ddim_step` / :func:`step` pick one per call: Triton for CUDA tensors, csrc for
+CPU tensors, the reference otherwise or when the preferred one is not installed (with one warning). The
+environment variable ``CG_FAST_KERNELS=reference|triton|csrc`` (or the ``impl=`` argument, or
+``Sampler(kernels=...)``) forces one; a forced implementation that is unavailable raises.
 """
 from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable
+
+from torch import Tensor
 
 from .reference import GUIDE_KINDS, PREDICTIONS, ddim_step_ref, ddpm_step_ref
 from .table import NUM_COLS, Col, schedule_columns
 
-__all__ = ["ddpm_step", "ddim_step", "ddpm_step_ref", "ddim_step_ref", "Col", "NUM_COLS",
-           "schedule_columns", "GUIDE_KINDS", "PREDICTIONS"]
+__all__ = ["ddpm_step", "ddim_step", "step", "ddpm_step_ref", "ddim_step_ref", "Col", "NUM_COLS",
+           "schedule_columns", "GUIDE_KINDS", "PREDICTIONS", "IMPLEMENTATIONS", "available", "resolve"]
 
-ddpm_step = ddpm_step_ref
-ddim_step = ddim_step_ref
+IMPLEMENTATIONS = ("reference", "triton", "csrc")
+# name -> (module, ddpm function name, ddim function name, availability function name)
+_MODULES = {
+    "reference": None,
+    "triton": ("cg_fast.kernels.triton_step", "ddpm_step_triton", "ddim_step_triton", "available"),
+    "csrc": ("cg_fast.kernels.csrc_ops", "ddpm_step_csrc", "ddim_step_csrc", "available"),
+}
+_INSTALL_HINT = {
+    "triton": "pip install triton (on the CPU it runs only under TRITON_INTERPRET=1)",
+    "csrc": "reinstall with the extension built: make install (pip install --no-build-isolation -e .)",
+}
+_loaded: dict[str, tuple[Callable, Callable] | None] = {"reference": (ddpm_step_ref, ddim_step_ref)}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> tuple[Callable, Callable] | None:
+    """The (ddpm, ddim) pair of an implementation, or None when it cannot run here."""
+    if name not in _loaded:
+        mod_name, ddpm_name, ddim_name, avail_name = _MODULES[name]
+        try:
+            mod = importlib.import_module(mod_name)
+            ok = getattr(mod, avail_name)()
+        except ImportError:
+            ok = False
+        _loaded[name] = (getattr(mod, ddpm_name), getattr(mod, ddim_name)) if ok else None
+    return _loaded[name]
+
+
+def available(name: str) -> bool:
+    """Whether implementation ``name`` can run in this process."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel implementation {name!r}: use one of {IMPLEMENTATIONS}")
+    return _load(name) is not None
+
+
+def resolve(x: Tensor, impl: str | None = None) -> str:
+    """Which implementation a step on ``x`` runs: ``impl``, else $CG_FAST_KERNELS, else by device."""
+    forced = impl if impl not in (None, "auto") else os.environ.get("CG_FAST_KERNELS") or None
+    if forced is not None:
+        if forced not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown kernel implementation {forced!r} (from impl= or CG_FAST_KERNELS): "
+                             f"use one of {IMPLEMENTATIONS} or 'auto'")
+        if not available(forced):
+            raise RuntimeError(f"kernel implementation {forced!r} was requested but is not available: "
+                               f"{_INSTALL_HINT.get(forced, '')}")
+        return forced
+    preferred = {"cuda": "triton", "cpu": "csrc"}.get(x.device.type)
+    if preferred is None:
+        return "reference"
+    if available(preferred):
+        return preferred
+    if x.device.type == "cuda" and available("csrc"):
+        return "csrc"
+    if preferred not in _warned:
+        _warned.add(preferred)
+        warnings.warn(f"cg_fast: the {preferred} step kernels are not available, using the PyTorch reference "
+                      f"(slower, same results). To enable them: {_INSTALL_HINT[preferred]}", RuntimeWarning,
+                      stacklevel=3)
+    return "reference"
+
+
+def ddpm_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, *, impl: str | None = None,
+              **kw) -> Tensor:
+    """One fused DDPM step; arguments as :func:`cg_fast.kernels.reference.ddpm_step_ref`."""
+    return _load(resolve(x, impl))[0](x, model_out, coef, noise, **kw)
+
+
+def ddim_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, *, impl: str | None = None,
+              **kw) -> Tensor:
+    """One fused DDIM step; arguments as :func:`cg_fast.kernels.reference.ddim_step_ref`."""
+    return _load(resolve(x, impl))[1](x, model_out, coef, noise, **kw)
+
+
+def step(method: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, **kw) -> Tensor:
+    """``ddpm_step`` or ``ddim_step`` by ``method`` name."""
+    if method == "ddpm":
+        return ddpm_step(x, model_out, coef, noise, **kw)
+    if method == "ddim":
+        return ddim_step(x, model_out, coef, noise, **kw)
+    raise ValueError(f"unknown sampling method {method!r}: use 'ddpm' or 'ddim'")
