@@ -107,7 +107,7 @@ class Sampler:
         num_classes:   label range to validate y against (default: the model's ``num_classes`` if any).
         check_finite:  raise on NaN/inf in model outputs and gradients, naming the step. None (default):
                        every step on the CPU; on a GPU flags are kept on the device and checked once at
-                       the end, so no step pays a host sync. False: no check.
+                       the end, so no step pays a host sync ("deferred" forces that mode). False: no check.
         kernels:       step-kernel implementation: "auto" (Triton on CUDA, csrc on CPU, else the reference),
                        "reference" (bitwise guided-diffusion on the CPU), "triton" or "csrc".
     """
@@ -127,7 +127,7 @@ class Sampler:
         variance: str = "fixed_large",
         off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         num_classes: int | None = None,
-        check_finite: bool | None = None,
+        check_finite: bool | str | None = None,
         kernels: str = "auto",
     ) -> None:
         if not callable(model):
@@ -155,6 +155,8 @@ class Sampler:
         self.variance = variance
         self.off_classifier = off_classifier
         self.num_classes = num_classes if num_classes is not None else _num_classes_of(model)
+        if check_finite not in (None, True, False, "deferred"):
+            raise ValueError(f"check_finite must be None (auto), True, False or 'deferred', got {check_finite!r}")
         self.check_finite = check_finite
         if kernels != "auto" and kernels not in kernels_mod.IMPLEMENTATIONS:
             raise ValueError(f"unknown kernels {kernels!r}: use 'auto' or one of {kernels_mod.IMPLEMENTATIONS}")
@@ -294,8 +296,8 @@ class Sampler:
         guide_kind = "none" if guidance is None else guidance.kind
 
         check = self.check_finite
-        immediate = (dev.type == "cpu") if check is None else bool(check)
-        deferred = check is None and not immediate
+        deferred = check == "deferred" or (check is None and dev.type != "cpu")
+        immediate = check is True or (check is None and dev.type == "cpu")
         bad = torch.zeros(n, dtype=torch.bool, device=dev) if deferred else None
 
         # x at j = 0: ADM draws th.randn(*shape) unless noise is given.

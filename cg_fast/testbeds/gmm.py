@@ -118,8 +118,9 @@ class _GMMNoisy(nn.Module):
 
     def _logits(self, xf: Tensor, sab: Tensor, v: Tensor) -> Tensor:
         # log w_k - |x - sqrt(ab) mu_k|^2 / (2 v); the Gaussian normaliser is the same for every k.
-        diff = xf[:, None, :] - sab[:, :, None] * self.means[None]
-        return self.log_weights - (diff ** 2).sum(-1) / (2 * v)
+        # |x - c mu_k|^2 = |x|^2 - 2 c <x, mu_k> + c^2 |mu_k|^2, in float64 (one matmul, no [B, K, d] tensor)
+        sq = (xf * xf).sum(1, keepdim=True) - 2 * sab * (xf @ self.means.T) + sab ** 2 * (self.means ** 2).sum(1)
+        return self.log_weights - sq / (2 * v)
 
 
 class GMMEps(_GMMNoisy):
