@@ -21,7 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import backends
 from . import kernels as kernels_mod
+from .engine import EagerRunner, GraphRunner, StepBuffers, StepProgram
 from .guidance import CFG, ClassifierGuidance, ClassifierRecord, classifier_log_prob
 from .kernels.table import NUM_COLS, VARIANCE_TYPES, Col, schedule_columns
 from .schedules import NoiseSchedule, SpacedSchedule
@@ -110,6 +112,11 @@ class Sampler:
                        the end, so no step pays a host sync ("deferred" forces that mode). False: no check.
         kernels:       step-kernel implementation: "auto" (Triton on CUDA, csrc on CPU, else the reference),
                        "reference" (bitwise guided-diffusion on the CPU), "triton" or "csrc".
+        backend:       how the denoiser runs (cg_fast.backends): "auto" (CUDA: tensorrt if installed, else
+                       cudagraph; CPU: eager), "eager", "cudagraph" (whole steps replayed as CUDA graphs),
+                       "compile" (torch.compile), "onnx" (ONNX Runtime), "tensorrt". A requested backend
+                       that cannot run raises with what to install; only "auto" falls back.
+        backend_options: keyword options of the backend (e.g. {"mode": "max-autotune"} for compile).
     """
 
     def __init__(
@@ -129,6 +136,8 @@ class Sampler:
         num_classes: int | None = None,
         check_finite: bool | str | None = None,
         kernels: str = "auto",
+        backend: str = "auto",
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError("model must be callable as model(x, t, y=None) -> Tensor")
@@ -161,6 +170,10 @@ class Sampler:
         if kernels != "auto" and kernels not in kernels_mod.IMPLEMENTATIONS:
             raise ValueError(f"unknown kernels {kernels!r}: use 'auto' or one of {kernels_mod.IMPLEMENTATIONS}")
         self.kernels = kernels
+        backends.check_name(backend)
+        self.backend = backend
+        self.backend_options = dict(backend_options or {})
+        self._denoisers: dict[tuple[str, str], Callable[..., Tensor]] = {}
         self._columns = schedule_columns(self.schedule, variance=variance, eta=self.eta)
 
     @property
@@ -183,6 +196,19 @@ class Sampler:
             table[:, Col.H_DECAY] = torch.tensor(plan.h_decay, dtype=torch.float64).float()
             table[:, Col.G_WEIGHT] = torch.tensor(plan.g_weight, dtype=torch.float64).float()
         return table
+
+    # -- backends -------------------------------------------------------------------------------------------
+    def _resolve_backend(self, device: torch.device) -> str:
+        return backends.resolve(self.backend, device)
+
+    def _denoiser(self, backend: str, device: torch.device) -> Callable[..., Tensor]:
+        """The model as run by ``backend`` (built once per backend and device, then reused)."""
+        if backend in ("eager", "cudagraph"):  # cudagraph: the eager module, captured inside whole-step graphs
+            return self.model
+        key = (backend, str(device))
+        if key not in self._denoisers:
+            self._denoisers[key] = backends.make_denoiser(self.model, backend, **self.backend_options)
+        return self._denoisers[key]
 
     # -- validation -----------------------------------------------------------------------------------------
     def _labels(self, y: Any, batch: int, guidance: Guidance | None, device: torch.device) -> Tensor | None:
@@ -289,11 +315,13 @@ class Sampler:
         rows = self.table(guidance).to(dev)[:, None, :].expand(n, batch, NUM_COLS).contiguous()
         ts = torch.as_tensor(self.schedule.original_timesteps_in_sampling_order(), device=dev)
         ts = ts[:, None].expand(n, batch).contiguous()  # t_j per row, original training timesteps
-        if cfg is not None:
-            y_null = torch.full_like(y, cfg.null_label)
-            y2, ts2 = torch.cat([y, y_null]), torch.cat([ts, ts], dim=1)
-        step = kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step
         guide_kind = "none" if guidance is None else guidance.kind
+        y2 = ts2 = None
+        if cfg is not None:
+            y2 = torch.cat([y, torch.full_like(y, cfg.null_label)])
+            ts2 = torch.cat([ts, ts], dim=1)
+        backend = self._resolve_backend(dev)
+        graphed = backend == "cudagraph"
 
         check = self.check_finite
         deferred = check == "deferred" or (check is None and dev.type != "cpu")
@@ -309,55 +337,70 @@ class Sampler:
             x = torch.randn(*shape, device=dev)
         else:
             x = torch.randn(shape, generator=generator, device=dev)
-        h = torch.zeros_like(x) if stateful else None
+        bufs = StepBuffers(x=x, z=torch.empty_like(x), coef=rows[0].clone(), t=ts[0].clone(),
+                           h=torch.zeros_like(x) if stateful else None, y=y,
+                           t2=None if ts2 is None else ts2[0].clone(), y2=y2)
+
+        def draw_noise() -> None:
+            # one randn_like(x) per step; randn is empty().normal_(), so this is the same random stream
+            bufs.z.normal_(generator=generator)
+
+        first_grad = [True]
+
+        def classifier_grad(xx: Tensor, tt: Tensor, yy: Tensor):
+            out = clf.gradient(xx, tt, yy, check=first_grad[0])  # label/shape check once (host sync)
+            first_grad[0] = False
+            return out
+
+        checked = set()
+
+        def check_output(o: Tensor, fresh: Tensor | None) -> None:
+            for name, v in (("o", o), ("fresh", fresh)):
+                if v is not None and name not in checked:
+                    self._check_output(v, bufs.x, batch)
+                    checked.add(name)
+
+        program = StepProgram(
+            model=self._denoiser(backend, dev), guide=guide_kind, class_cond=self.class_cond,
+            step=kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step,
+            step_kw=dict(impl=self.kernels, guide=guide_kind, prediction=self.prediction,
+                         learned_var=self.learn_sigma, clip=self.clip_denoised,
+                         cfg_channels=cfg.channels if cfg is not None else None),
+            classifier=classifier_grad if clf is not None else None,
+            cfg_batched=cfg.batched if cfg is not None else True,
+            draw_noise=None if graphed else draw_noise, check_output=check_output)
+        runner = GraphRunner(program, bufs) if graphed else EagerRunner(program, bufs)
 
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
-        first_grad = True
+        rows_per_pass = 2 * batch if cfg is not None else batch
         start = time.perf_counter()
         for j in _progress(range(n), progress, self.method):
-            t, guided = ts[j], mask[j]
-            # 1. denoiser: conditional (or unconditional) pass; CFG guided steps add the null-label pass
-            fresh: Tensor | None = None
-            if cfg is not None and guided:
-                if cfg.batched:
-                    o2 = self.model(torch.cat([x, x]), ts2[j], y2)
-                    o, fresh = o2[:batch], o2[batch:]
-                    stats.denoiser_passes += 1
-                else:
-                    o = self.model(x, t, y)
-                    fresh = self.model(x, t, y_null)
-                    stats.denoiser_passes += 2
-                stats.denoiser_rows += 2 * batch
+            guided = mask[j]
+            if off_clf is not None:  # diagnostics at x_j, before the step (spec §7)
+                stats.off_sampling[j] = classifier_log_prob(off_clf, bufs.x, ts[j], y, check=(j == 0))
+            if graphed:  # static buffers: copy the step's inputs in, draw its noise outside the graph
+                bufs.coef.copy_(rows[j])
+                bufs.t.copy_(ts[j])
+                if ts2 is not None:
+                    bufs.t2.copy_(ts2[j])
+                draw_noise()
             else:
-                o = self.model(x, t, y) if self.class_cond else self.model(x, t)
+                bufs.coef, bufs.t = rows[j], ts[j]
+                bufs.t2 = None if ts2 is None else ts2[j]
+            out = runner.run(guided)  # x_{j+1} and h, in place (spec §4-§6)
+            # exact accounting
+            if cfg is not None and guided:
+                stats.denoiser_passes += 1 if cfg.batched else 2
+                stats.denoiser_rows += rows_per_pass
+            else:
                 stats.denoiser_passes += 1
                 stats.denoiser_rows += batch
-            if j == 0:
-                self._check_output(o, x, batch)
-            if fresh is not None and j == stats.guided_steps[0]:
-                self._check_output(fresh, x, batch)
-            self._finite(o, "model output", j, t, immediate, bad)
-            if fresh is not None:
-                self._finite(fresh, "unconditional model output", j, t, immediate, bad)
-            # 2. noise, drawn where ADM draws it (after the model call)
-            if generator is None:
-                z = torch.randn_like(x)
-            else:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            # 3. classifier gradient at guided steps only
-            if clf is not None and guided:
-                fresh, stats.on_sampling[j] = clf.gradient(x, t, y, check=first_grad)
-                first_grad = False
+            if "log_prob" in out:
                 stats.classifier_grads += 1
-                self._finite(fresh, "classifier gradient", j, t, immediate, bad)
-            if off_clf is not None:
-                stats.off_sampling[j] = classifier_log_prob(off_clf, x, t, y, check=(j == 0))
-            # 4. the fused step: x_{j+1} and the cache state h (spec §4-§6)
-            x = step(x, o, rows[j], z, impl=self.kernels, guide=guide_kind, fresh=fresh, h=h,
-                     prediction=self.prediction, learned_var=self.learn_sigma, clip=self.clip_denoised,
-                     cfg_channels=cfg.channels if cfg is not None else None)
+                stats.on_sampling[j] = ClassifierRecord(out["log_prob"], out["correct"])
+            self._finite_flags(out, j, ts[j], immediate, bad)
             if callback is not None:
-                callback({"j": j, "t": t, "x": x, "guided": guided})
+                callback({"j": j, "t": ts[j], "x": bufs.x, "guided": guided})
         if bad is not None and bool(bad.any()):
             j = int(bad.nonzero()[0])
             raise NonFiniteError(f"NaN or inf in a model output or classifier gradient at sampling step j={j} "
@@ -365,15 +408,17 @@ class Sampler:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         stats.wall_time = time.perf_counter() - start
-        return SampleOutput(x=x, stats=stats)
+        return SampleOutput(x=bufs.x, stats=stats)
 
     @staticmethod
-    def _finite(v: Tensor, what: str, j: int, t: Tensor, immediate: bool, bad: Tensor | None) -> None:
+    def _finite_flags(out: dict[str, Tensor], j: int, t: Tensor, immediate: bool, bad: Tensor | None) -> None:
         if immediate:
-            if not bool(torch.isfinite(v).all()):
-                raise NonFiniteError(f"NaN or inf in the {what} at sampling step j={j} (timestep t={int(t[0])})")
+            for key, what in (("ok_model", "model output"), ("ok_grad", "classifier gradient")):
+                if key in out and not bool(out[key]):
+                    raise NonFiniteError(f"NaN or inf in the {what} at sampling step j={j} (timestep t={int(t[0])})")
         elif bad is not None:
-            bad[j] |= ~torch.isfinite(v).all()
+            ok = out["ok_model"] & out["ok_grad"] if "ok_grad" in out else out["ok_model"]
+            bad[j] = ~ok
 
 
 def _progress(it: range, enabled: bool, desc: str):

@@ -1,0 +1,96 @@
+"""Denoiser backends (stage 2 of the data flow): the same call signature as the eager model.
+
+    eager      the module as it is
+    cudagraph  CUDA graphs: the sampler replays whole steps (denoiser + classifier + fused update);
+               :class:`~cg_fast.backends.cudagraph.CUDAGraphDenoiser` graphs the denoiser alone
+    compile    ``torch.compile`` (option ``mode``: default, reduce-overhead, max-autotune)
+    onnx       exported with ``torch.onnx.export`` and run by ONNX Runtime (CPU or CUDA provider)
+    tensorrt   ONNX -> TensorRT engine (fp16/bf16, static shapes), engines cached on disk
+    auto       the fastest available: CUDA -> tensorrt if installed, else cudagraph; CPU -> eager
+
+A backend asked for by name that cannot run here raises :class:`BackendUnavailable` saying what to
+install; nothing falls back silently except ``auto``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "BackendUnavailable", "check_name", "why_unavailable", "resolve", "make_denoiser"]
+
+BACKENDS = ("auto", "eager", "cudagraph", "compile", "onnx", "tensorrt")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested that cannot run on this machine; the message says what to install."""
+
+
+def check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: use one of {BACKENDS}")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def why_unavailable(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run on ``device``, else the reason and what to do."""
+    check_name(name)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if name in ("auto", "eager", "compile"):
+        return None
+    if name == "cudagraph":
+        return None if cuda else f"backend 'cudagraph' needs a CUDA device (sampling on {device.type})"
+    if name == "onnx":
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not _has(m)]
+        if missing:
+            return f"backend 'onnx' needs {', '.join(missing)}: pip install {' '.join(missing)}"
+        return None
+    if name == "tensorrt":
+        if not cuda:
+            return f"backend 'tensorrt' needs a CUDA device (sampling on {device.type})"
+        if not _has("tensorrt"):
+            return "backend 'tensorrt' needs TensorRT's Python package: pip install tensorrt (with a CUDA GPU)"
+        missing = [m for m in ("onnx", "onnxscript") if not _has(m)]
+        if missing:
+            return f"backend 'tensorrt' exports through ONNX: pip install {' '.join(missing)}"
+        return None
+    raise AssertionError(name)
+
+
+def resolve(name: str, device: torch.device | str) -> str:
+    """The concrete backend ``name`` means on ``device`` ("auto" picks; others are checked)."""
+    device = torch.device(device)
+    check_name(name)
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_available():
+            return "tensorrt" if why_unavailable("tensorrt", device) is None else "cudagraph"
+        return "eager"
+    why = why_unavailable(name, device)
+    if why is not None:
+        raise BackendUnavailable(why)
+    return name
+
+
+def make_denoiser(model: Callable[..., Tensor], name: str, **options: Any) -> Callable[..., Tensor]:
+    """Wrap ``model`` in backend ``name`` (no device resolution: use :func:`resolve` first)."""
+    check_name(name)
+    if name == "eager":
+        return model
+    if name == "cudagraph":
+        from .cudagraph import CUDAGraphDenoiser
+        return CUDAGraphDenoiser(model, **options)
+    if name == "compile":
+        from .compiled import CompiledDenoiser
+        return CompiledDenoiser(model, **options)
+    if name == "onnx":
+        from .onnxrt import OnnxDenoiser
+        return OnnxDenoiser(model, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTDenoiser
+        return TensorRTDenoiser(model, **options)
+    raise ValueError("backend 'auto' must be resolved first: backends.resolve('auto', device)")

@@ -1,0 +1,115 @@
+"""CUDA-graph replay of a denoiser forward and of a classifier's gradient, per static input signature.
+
+Each distinct (shape, dtype, device, has-y) signature is captured once: warm-up on a side stream, then
+``torch.cuda.graph`` capture with persistent input buffers. A call copies its inputs into the buffers and
+replays; a replay launches the whole network at once (at batch 1 ADM-64 is ~10x faster than eager,
+``shared/docs/gpu-anchors.md``, since the eager forward is bound by kernel launches).
+
+.. warning:: The returned tensors are the graph's static outputs, overwritten by the next replay of the
+   same signature: consume (or clone) them before calling again. The sampler does.
+.. warning:: The module must be capture-safe: no host synchronisation, no CPU tensors created per call,
+   no branching on tensor values (cg_fast.models are; guided-diffusion's own UNet is not).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CUDAGraphDenoiser", "CUDAGraphClassifierGrad"]
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: tuple[Tensor | None, ...]
+    outputs: tuple[Tensor, ...]
+
+
+def _signature(*tensors: Tensor | None) -> tuple:
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor | None, ...], warmup: int,
+             pool) -> _Captured:
+    static = tuple(None if t is None else t.detach().clone() for t in inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn(*static)
+    return _Captured(graph, static, outputs)
+
+
+class _Graphed:
+    def __init__(self, warmup: int = 3) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.warmup = warmup
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def _replay(self, fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor | None) -> tuple[Tensor, ...]:
+        for t in inputs:
+            if t is not None and t.device.type != "cuda":
+                raise ValueError(f"CUDA graph replay needs CUDA tensors, got a tensor on {t.device}")
+        key = _signature(*inputs)
+        cap = self._graphs.get(key)
+        if cap is None:
+            cap = self._graphs[key] = _capture(fn, inputs, self.warmup, self._pool)
+        else:
+            for dst, src in zip(cap.inputs, inputs):
+                if dst is not None:
+                    dst.copy_(src)
+        cap.graph.replay()
+        return cap.outputs
+
+    @property
+    def num_graphs(self) -> int:
+        """How many signatures have been captured."""
+        return len(self._graphs)
+
+
+class CUDAGraphDenoiser(_Graphed):
+    """``model(x, t, y=None)`` replayed from a CUDA graph captured per input signature."""
+
+    def __init__(self, model: Callable[..., Tensor], warmup: int = 3) -> None:
+        super().__init__(warmup)
+        self.model = model
+
+    def _forward(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor]:
+        with torch.no_grad():
+            return (self.model(x, t) if y is None else self.model(x, t, y),)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self._replay(self._forward, x, t, y)[0]
+
+
+class CUDAGraphClassifierGrad(_Graphed):
+    """``(x, t, y) -> (g, logits)``: the classifier's forward + backward to x, replayed from a graph.
+
+    g = grad_x log softmax(classifier(x, t))[y] (ADM's cond_fn without the scale). TensorRT has no
+    autograd, so the classifier stays in PyTorch; this graph makes its cost a single replay.
+    """
+
+    def __init__(self, classifier: Callable[[Tensor, Tensor], Tensor], warmup: int = 3) -> None:
+        super().__init__(warmup)
+        self.classifier = classifier
+
+    def _grad(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = self.classifier(x_in, t)
+            selected = torch.log_softmax(logits, dim=-1).gather(1, y.view(-1, 1)).sum()
+            (g,) = torch.autograd.grad(selected, x_in)
+        return g, logits.detach()
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        g, logits = self._replay(self._grad, x, t, y)
+        return g, logits

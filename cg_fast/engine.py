@@ -1,0 +1,151 @@
+"""Execution engine: one sampling step as a program on static buffers, run eagerly or replayed as a CUDA graph.
+
+The body of a step reads its inputs from fixed buffers and writes the new state in place:
+
+    x, h  the state and the cache state (live across steps, updated in place by the fused step kernel)
+    z     the step's noise (drawn outside a graph, so eager and graph runs consume the same random numbers)
+    coef  the step's coefficient row [B, NUM_COLS] (table row j, see cg_fast.kernels.table)
+    t     the original timesteps [B] (t2: the same twice, for the 2B CFG pass)
+
+so the same code runs in three ways: eagerly (CPU, and any device), and on CUDA captured once per step
+kind and replayed: a *skipped* step is one graph (denoiser + fused update), a *guided* step another
+(denoiser + classifier forward/backward + fused update; for CFG the 2B denoiser pass + fused update).
+
+.. warning:: Graph replay needs static shapes and a capture-safe model and classifier: no host
+   synchronisation, no CPU tensors created, no branching on tensor values (cg_fast.models are). The
+   model must not draw random numbers (put it in eval mode). One capture at a time per process.
+.. warning:: Tensors returned by a replay (logits, flags) are the graph's own buffers: the runner copies
+   them out before the next replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepBuffers", "StepProgram", "EagerRunner", "GraphRunner"]
+
+
+@dataclass
+class StepBuffers:
+    """The fixed tensors a step program reads and writes (see module docstring)."""
+
+    x: Tensor
+    z: Tensor
+    coef: Tensor
+    t: Tensor
+    h: Tensor | None = None
+    y: Tensor | None = None
+    t2: Tensor | None = None
+    y2: Tensor | None = None
+
+
+@dataclass
+class StepProgram:
+    """One sampling step's body (spec §5-§6) over :class:`StepBuffers`.
+
+    Args:
+        model:        the denoiser ``model(x, t, y)`` (or ``model(x, t)`` when ``class_cond`` is False).
+        step:         the step kernel, ``cg_fast.kernels.ddpm_step`` / ``ddim_step`` signature.
+        step_kw:      the kernel's static keyword arguments (prediction, learned_var, clip, impl, ...).
+        guide:        "none" | "classifier" | "cfg".
+        classifier:   ``(x, t, y) -> (g, ClassifierRecord)``, the classifier gradient (classifier guidance).
+        cfg_batched:  CFG guided steps as one 2B pass (else two B passes).
+        draw_noise:   called inside the body where guided-diffusion draws the step noise (after the model
+                      call); None when the caller fills ``z`` before the body (graph replay).
+        check_output: called on the model output(s) the first time (shape checks, host-side only).
+    """
+
+    model: Callable[..., Tensor]
+    step: Callable[..., Tensor]
+    step_kw: dict[str, Any]
+    guide: str = "none"
+    class_cond: bool = True
+    classifier: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Any]] | None = None
+    cfg_batched: bool = True
+    draw_noise: Callable[[], None] | None = None
+    check_output: Callable[[Tensor, Tensor | None], None] | None = None
+
+    def __call__(self, b: StepBuffers, guided: bool) -> dict[str, Tensor]:
+        """Run the step in place on ``b``. Returns device tensors only (no host sync): ``ok_model`` and, at
+        classifier-guided steps, ``ok_grad``, ``log_prob`` and ``correct`` (the on-sampling record)."""
+        fresh: Tensor | None = None
+        if self.guide == "cfg" and guided:
+            if self.cfg_batched:
+                o2 = self.model(torch.cat([b.x, b.x]), b.t2, b.y2)
+                batch = b.x.shape[0]
+                o, fresh = o2[:batch], o2[batch:]
+            else:
+                o = self.model(b.x, b.t, b.y)
+                fresh = self.model(b.x, b.t, b.y2[b.x.shape[0]:])
+        else:
+            o = self.model(b.x, b.t, b.y) if self.class_cond else self.model(b.x, b.t)
+        if self.check_output is not None:
+            self.check_output(o, fresh)
+        ok_model = torch.isfinite(o).all()
+        if fresh is not None:
+            ok_model = ok_model & torch.isfinite(fresh).all()
+        if self.draw_noise is not None:
+            self.draw_noise()  # guided-diffusion draws the step noise after the model call
+        out: dict[str, Tensor] = {"ok_model": ok_model}
+        if self.guide == "classifier" and guided:
+            fresh, rec = self.classifier(b.x, b.t, b.y)
+            out["log_prob"], out["correct"] = rec.log_prob, rec.correct
+            out["ok_grad"] = torch.isfinite(fresh).all()
+        self.step(b.x, o, b.coef, b.z, fresh=fresh, h=b.h, out=b.x, **self.step_kw)
+        return out
+
+
+class EagerRunner:
+    """Runs the program directly: the CPU path, and the reference for graph replay."""
+
+    def __init__(self, program: StepProgram, buffers: StepBuffers) -> None:
+        self.program, self.buffers = program, buffers
+
+    def run(self, guided: bool) -> dict[str, Tensor]:
+        return self.program(self.buffers, guided)
+
+
+class GraphRunner:
+    """Captures the program once per step kind (skipped / guided) as a CUDA graph and replays it.
+
+    The first call of each kind warms up on a side stream (``warmup`` eager iterations, which also run
+    the host-side checks), then captures; ``x`` and ``h`` are saved before the warm-up and restored after
+    the capture, so the state advances exactly once per call.
+    """
+
+    def __init__(self, program: StepProgram, buffers: StepBuffers, warmup: int = 2) -> None:
+        if buffers.x.device.type != "cuda":
+            raise RuntimeError("GraphRunner needs CUDA tensors; use EagerRunner on the CPU")
+        self.program, self.buffers, self.warmup = program, buffers, warmup
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _capture(self, guided: bool) -> tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]:
+        b = self.buffers
+        saved = [t.clone() for t in (b.x, b.h) if t is not None]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.program(b, guided)
+        torch.cuda.current_stream().wait_stream(side)
+        checker, self.program.check_output = self.program.check_output, None  # host-side: not captured
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                outs = self.program(b, guided)
+        finally:
+            self.program.check_output = checker
+        for dst, src in zip([t for t in (b.x, b.h) if t is not None], saved):
+            dst.copy_(src)
+        return graph, outs
+
+    def run(self, guided: bool) -> dict[str, Tensor]:
+        if guided not in self.graphs:
+            self.graphs[guided] = self._capture(guided)
+        graph, outs = self.graphs[guided]
+        graph.replay()
+        return {k: v.clone() for k, v in outs.items()}
