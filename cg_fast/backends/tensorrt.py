@@ -1,0 +1,140 @@
+"""TensorRT backend: ONNX -> TensorRT engine per static signature, engines cached on disk.
+
+Build: the denoiser is exported to ONNX (:func:`cg_fast.backends.onnxrt.export_denoiser`), parsed by
+``tensorrt.OnnxParser`` and built with the requested precision flag ("fp16" or "bf16"; "fp32" adds none)
+for exactly the shapes of the call (a static profile). Engines are cached by :class:`EngineCache` under a
+key of the model-weights hash, shapes, precision, GPU name and compute capability and TensorRT version; a
+stale engine is never found (the key changes), a corrupt one is deleted and rebuilt, writes are atomic.
+
+Run: inputs and the output stay on the GPU; ``execute_async_v3`` on the current CUDA stream.
+
+.. warning:: Written against the TensorRT 10 Python API. It cannot run without an NVIDIA GPU and the
+   ``tensorrt`` package; cg_fast's CI has neither, so only the cache logic is tested there.
+.. warning:: TensorRT has no autograd: the classifier of classifier guidance stays in PyTorch (replayed
+   from a CUDA graph by the sampler).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .engine_cache import EngineCache, EngineKey, weights_hash
+
+__all__ = ["TensorRTDenoiser", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ImportError("the tensorrt backend needs NVIDIA TensorRT: pip install tensorrt "
+                          "(Linux with an NVIDIA GPU)") from None
+    return trt
+
+
+class TensorRTDenoiser:
+    """``model(x, t, y=None)`` run by a TensorRT engine built per static signature."""
+
+    def __init__(self, model: Callable[..., Tensor], precision: str = "fp16",
+                 cache_dir: str | os.PathLike | None = None, workspace_gb: float = 8.0,
+                 opset_version: int | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown TensorRT precision {precision!r}: use one of {PRECISIONS}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("the tensorrt backend needs an nn.Module (its weights key the engine cache)")
+        self.trt = _import_trt()
+        if not torch.cuda.is_available():
+            raise RuntimeError("the tensorrt backend needs a CUDA GPU")
+        self.model = model
+        self.precision = precision
+        self.workspace = int(workspace_gb * (1 << 30))
+        self.opset_version = opset_version
+        self.cache = EngineCache(cache_dir)
+        self.weights = weights_hash(model)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self._engines: dict[tuple, tuple[Any, Any, list[str], str]] = {}
+        self.built = 0  # engines built (not loaded from the cache) by this object
+
+    def key(self, x: Tensor, t: Tensor, y: Tensor | None) -> EngineKey:
+        dev = x.device if x.device.type == "cuda" else torch.device("cuda")
+        major, minor = torch.cuda.get_device_capability(dev)
+        shapes = tuple((n, tuple(v.shape)) for n, v in zip("xty", (x, t, y)) if v is not None)
+        return EngineKey(weights=self.weights, shapes=shapes, dtype=self.precision,
+                         gpu=f"{torch.cuda.get_device_name(dev)} sm_{major}{minor}",
+                         trt_version=str(self.trt.__version__), extra=(("x_dtype", str(x.dtype)),))
+
+    def _build(self, x: Tensor, t: Tensor, y: Tensor | None) -> bytes:
+        from .onnxrt import export_denoiser
+
+        trt = self.trt
+        with tempfile.TemporaryDirectory(prefix="cg_fast_trt_") as tmp:
+            path = export_denoiser(self.model, Path(tmp) / "denoiser.onnx", x.cpu(), t.cpu(),
+                                   None if y is None else y.cpu(), self.opset_version)
+            builder = trt.Builder(self.logger)
+            network = builder.create_network(0)
+            parser = trt.OnnxParser(network, self.logger)
+            if not parser.parse_from_file(str(path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise RuntimeError(f"TensorRT could not parse the exported ONNX graph: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+        if self.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif self.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        profile = builder.create_optimization_profile()  # static: min = opt = max = the call's shapes
+        for i in range(network.num_inputs):
+            inp = network.get_input(i)
+            shape = tuple(inp.shape)
+            profile.set_shape(inp.name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+        self.built += 1
+        return bytes(blob)
+
+    def _engine(self, x: Tensor, t: Tensor, y: Tensor | None):
+        sig = (tuple(x.shape), x.dtype, y is not None, x.device)
+        if sig not in self._engines:
+            key = self.key(x, t, y)
+            for attempt in range(2):
+                blob, _ = self.cache.get_or_build(key, lambda: self._build(x, t, y))
+                engine = self.runtime.deserialize_cuda_engine(blob)
+                if engine is not None:
+                    break
+                self.cache.evict(key)  # valid checksum but unusable (e.g. a foreign build): rebuild once
+            else:
+                raise RuntimeError("TensorRT could not deserialize a freshly built engine")
+            context = engine.create_execution_context()
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if n not in inputs]
+            self._engines[sig] = (engine, context, inputs, outputs[0])
+        return self._engines[sig]
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"the tensorrt backend runs on CUDA tensors, got x on {x.device}")
+        engine, context, inputs, output = self._engine(x, t, y)
+        feeds = {"x": x.contiguous(), "t": t.long().contiguous()}
+        if y is not None:
+            feeds["y"] = y.long().contiguous()
+        for name in inputs:
+            context.set_tensor_address(name, feeds[name].data_ptr())
+        trt = self.trt
+        dtype = {trt.float32: torch.float32, trt.float16: torch.float16,
+                 trt.bfloat16: torch.bfloat16}[engine.get_tensor_dtype(output)]
+        out = torch.empty(tuple(engine.get_tensor_shape(output)), dtype=dtype, device=x.device)
+        context.set_tensor_address(output, out.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return out
