@@ -71,6 +71,10 @@ class StepProgram:
     def __call__(self, b: StepBuffers, guided: bool) -> dict[str, Tensor]:
         """Run the step in place on ``b``. Returns device tensors only (no host sync): ``ok_model`` and, at
         classifier-guided steps, ``ok_grad``, ``log_prob`` and ``correct`` (the on-sampling record)."""
+        with torch.no_grad():  # sampling builds no autograd graph (the classifier gradient enables its own)
+            return self._body(b, guided)
+
+    def _body(self, b: StepBuffers, guided: bool) -> dict[str, Tensor]:
         fresh: Tensor | None = None
         if self.guide == "cfg" and guided:
             if self.cfg_batched:

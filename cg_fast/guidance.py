@@ -89,6 +89,7 @@ class ClassifierGuidance:
     cache: str = "compress"
     beta: float = 0.0
     decay: float = 1.0
+    num_classes: int | None = field(default=None, init=False, repr=False)  # seen at the first gradient
     kind = "classifier"
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ class ClassifierGuidance:
             logits = self.classifier(x_in, t)
             if check:
                 _check_logits(logits, x.shape[0], y, "classifier")
+                self.num_classes = int(logits.shape[1])
             log_probs = F.log_softmax(logits, dim=-1)
             selected = log_probs[torch.arange(len(logits), device=logits.device), y.view(-1)]
             (g,) = torch.autograd.grad(selected.sum(), x_in)

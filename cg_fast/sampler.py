@@ -174,6 +174,7 @@ class Sampler:
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self._denoisers: dict[tuple[str, str], Callable[..., Tensor]] = {}
+        self._graph_cache: dict[tuple, tuple[GraphRunner, StepBuffers]] = {}
         self._columns = schedule_columns(self.schedule, variance=variance, eta=self.eta)
 
     @property
@@ -337,39 +338,12 @@ class Sampler:
             x = torch.randn(*shape, device=dev)
         else:
             x = torch.randn(shape, generator=generator, device=dev)
-        bufs = StepBuffers(x=x, z=torch.empty_like(x), coef=rows[0].clone(), t=ts[0].clone(),
-                           h=torch.zeros_like(x) if stateful else None, y=y,
-                           t2=None if ts2 is None else ts2[0].clone(), y2=y2)
+        runner, bufs = self._runner(backend, guidance, x, y, y2, rows[0], ts[0], None if ts2 is None else ts2[0],
+                                    stateful, generator)
 
         def draw_noise() -> None:
             # one randn_like(x) per step; randn is empty().normal_(), so this is the same random stream
             bufs.z.normal_(generator=generator)
-
-        first_grad = [True]
-
-        def classifier_grad(xx: Tensor, tt: Tensor, yy: Tensor):
-            out = clf.gradient(xx, tt, yy, check=first_grad[0])  # label/shape check once (host sync)
-            first_grad[0] = False
-            return out
-
-        checked = set()
-
-        def check_output(o: Tensor, fresh: Tensor | None) -> None:
-            for name, v in (("o", o), ("fresh", fresh)):
-                if v is not None and name not in checked:
-                    self._check_output(v, bufs.x, batch)
-                    checked.add(name)
-
-        program = StepProgram(
-            model=self._denoiser(backend, dev), guide=guide_kind, class_cond=self.class_cond,
-            step=kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step,
-            step_kw=dict(impl=self.kernels, guide=guide_kind, prediction=self.prediction,
-                         learned_var=self.learn_sigma, clip=self.clip_denoised,
-                         cfg_channels=cfg.channels if cfg is not None else None),
-            classifier=classifier_grad if clf is not None else None,
-            cfg_batched=cfg.batched if cfg is not None else True,
-            draw_noise=None if graphed else draw_noise, check_output=check_output)
-        runner = GraphRunner(program, bufs) if graphed else EagerRunner(program, bufs)
 
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
         rows_per_pass = 2 * batch if cfg is not None else batch
@@ -408,7 +382,72 @@ class Sampler:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         stats.wall_time = time.perf_counter() - start
-        return SampleOutput(x=bufs.x, stats=stats)
+        # a captured graph's x buffer is reused by the next run: hand out a copy
+        return SampleOutput(x=bufs.x.clone() if graphed else bufs.x, stats=stats)
+
+    def _runner(self, backend: str, guidance: Guidance | None, x: Tensor, y: Tensor | None, y2: Tensor | None,
+                coef0: Tensor, t0: Tensor, t20: Tensor | None, stateful: bool,
+                generator: torch.Generator | None) -> tuple[EagerRunner | GraphRunner, StepBuffers]:
+        """The step program and its buffers, holding ``x`` (and y, h) for this run.
+
+        Eager: built per run. CUDA graphs: built once per (shape, guidance kind, models, options) and kept,
+        so later runs only copy their x and labels into the captured buffers and replay.
+        """
+        graphed = backend == "cudagraph"
+        cfg = guidance if isinstance(guidance, CFG) else None
+        clf = guidance if isinstance(guidance, ClassifierGuidance) else None
+        key = (tuple(x.shape), str(x.device), guidance.kind if guidance is not None else "none", stateful,
+               cfg.batched if cfg else None, cfg.channels if cfg else None, id(clf.classifier) if clf else None,
+               self.kernels, y is None)
+        if graphed and key in self._graph_cache:
+            runner, bufs = self._graph_cache[key]
+            bufs.x.copy_(x)
+            if bufs.h is not None:
+                bufs.h.zero_()
+            for dst, src in ((bufs.y, y), (bufs.y2, y2)):
+                if dst is not None:
+                    dst.copy_(src)
+            if clf is not None and clf.num_classes is not None and int(y.max()) >= clf.num_classes:
+                raise ValueError(f"labels out of range for the classifier: it has {clf.num_classes} classes but "
+                                 f"got label {int(y.max())}")
+            return runner, bufs
+
+        bufs = StepBuffers(x=x, z=torch.empty_like(x), coef=coef0.clone(), t=t0.clone(),
+                           h=torch.zeros_like(x) if stateful else None, y=y,
+                           t2=None if t20 is None else t20.clone(), y2=y2)
+        first_grad = [True]
+
+        def classifier_grad(xx: Tensor, tt: Tensor, yy: Tensor):
+            out = clf.gradient(xx, tt, yy, check=first_grad[0])  # label/shape check once (a host sync)
+            first_grad[0] = False
+            return out
+
+        checked: set[str] = set()
+
+        def check_output(o: Tensor, fresh: Tensor | None) -> None:
+            for name, v in (("o", o), ("fresh", fresh)):
+                if v is not None and name not in checked:
+                    self._check_output(v, bufs.x, bufs.x.shape[0])
+                    checked.add(name)
+
+        def draw_noise() -> None:  # eager: inside the body, where guided-diffusion draws it
+            bufs.z.normal_(generator=generator)
+
+        kind = "none" if guidance is None else guidance.kind
+        program = StepProgram(
+            model=self._denoiser(backend, x.device), guide=kind, class_cond=self.class_cond,
+            step=kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step,
+            step_kw=dict(impl=self.kernels, guide=kind, prediction=self.prediction,
+                         learned_var=self.learn_sigma, clip=self.clip_denoised,
+                         cfg_channels=cfg.channels if cfg is not None else None),
+            classifier=classifier_grad if clf is not None else None,
+            cfg_batched=cfg.batched if cfg is not None else True,
+            draw_noise=None if graphed else draw_noise, check_output=check_output)
+        if not graphed:
+            return EagerRunner(program, bufs), bufs
+        runner = GraphRunner(program, bufs)
+        self._graph_cache[key] = (runner, bufs)
+        return runner, bufs
 
     @staticmethod
     def _finite_flags(out: dict[str, Tensor], j: int, t: Tensor, immediate: bool, bad: Tensor | None) -> None:

@@ -87,7 +87,13 @@ def _eps_from_x0(x: Tensor, x0: Tensor, coef: Tensor) -> Tensor:
     return (_col(coef, Col.SQRT_RECIP_AC, nd) * x - x0) / _col(coef, Col.SQRT_RECIPM1_AC, nd)
 
 
-def _check_kind(guide: str, fresh: Tensor | None, h: Tensor | None) -> None:
+def _check_kind(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
+                prediction: str) -> None:
+    """Validate everything before any state (h) is touched."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+    if cfg_channels is not None and cfg_channels < 0:
+        raise ValueError(f"cfg_channels must be >= 0 or None (all channels), got {cfg_channels}")
     if guide not in GUIDE_KINDS:
         raise ValueError(f"unknown guide kind {guide!r}: use one of {GUIDE_KINDS}")
     if guide == "none" and (fresh is not None or h is not None):
@@ -115,7 +121,7 @@ def ddpm_step_ref(
     guide="cfg": ``model_out`` is the conditional output and ``fresh`` the unconditional one (or None).
     ``h`` (reuse/momentum cache) is updated in place. ``out`` may alias ``x``.
     """
-    _check_kind(guide, fresh, h)
+    _check_kind(guide, fresh, h, cfg_channels, prediction)
     nd = x.dim()
     eps_or_o, v = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":
@@ -163,7 +169,7 @@ def ddim_step_ref(
     Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
     :func:`ddpm_step_ref`; variance channels of a learned-variance model are ignored, as in ADM.
     """
-    _check_kind(guide, fresh, h)
+    _check_kind(guide, fresh, h, cfg_channels, prediction)
     nd = x.dim()
     eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":

@@ -325,6 +325,11 @@ class _ADMBase(nn.Module):
     def _embed(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_embed(self.time_proj(t).to(self.time_embed[0].weight.dtype))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the convolution body (ADM's `self.dtype`)."""
+        return self.input_blocks[0][0].weight.dtype
+
     def _body_input(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(self.dtype)
         return h.contiguous(memory_format=torch.channels_last) if self.channels_last else h
@@ -332,7 +337,6 @@ class _ADMBase(nn.Module):
     def _finish_init(self, body: list[nn.Module], dtype: torch.dtype, channels_last: bool) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        self.dtype = dtype
         self.channels_last = channels_last
         if dtype != torch.float32:
             _convert_convs(body, dtype)
@@ -514,5 +518,4 @@ class EncoderUNetModel(_ADMBase):
         for block in self.input_blocks:
             h = block(h, emb)
         h = self.middle_block(h, emb)
-        head_dtype = next(p.dtype for p in self.out.parameters())
-        return self.out(h.to(head_dtype)).to(x.dtype)
+        return self.out(h.to(self.out[0].weight.dtype)).to(x.dtype)

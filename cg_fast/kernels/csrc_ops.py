@@ -1,0 +1,157 @@
+"""C++ / CUDA fused step operators ``torch.ops.cg_fast.ddpm_step`` / ``ddim_step`` (built from csrc/).
+
+One memory pass per sampling step: predicted x0 (optional clip), posterior mean, fixed or learned variance,
+guidance (classifier mean / score shift, or the CFG combine), the cache update of ``h`` (spec §4) and the noise,
+with per-batch-row coefficients ``coef[B, NUM_COLS]`` (:mod:`cg_fast.kernels.table`). The wrappers here take
+exactly the arguments of :func:`~cg_fast.kernels.reference.ddpm_step_ref` / ``ddim_step_ref`` and compute the same
+values: on the CPU bitwise (same float32 operations in the same order, the exp torch.exp uses), on CUDA up to
+``expf`` rounding.
+
+Operator schemas (csrc/ops.cpp); ``out`` and ``h`` are written in place, nothing is returned::
+
+    cg_fast::ddpm_step(Tensor x, Tensor model_out, Tensor coef, Tensor noise, Tensor(a!) out, *,
+                       str guide="none", Tensor? fresh=None, Tensor(b!)? h=None, str prediction="eps",
+                       bool learned_var=False, bool clip=True, int? cfg_channels=None) -> ()
+    cg_fast::ddim_step(... the same ...) -> ()
+
+Layout: ``x``, ``noise``, ``h``, ``out`` float32 of one shape [B, C, ...] (n = x[0].numel() per row);
+``model_out`` [B, C, ...], or [B, 2C, ...] with ``learned_var`` (variance channel of element i at n + i);
+``fresh`` the classifier gradient (shape of x) or, for CFG, the unconditional output (C or 2C channels).
+``model_out`` / ``fresh`` may be float16 / bfloat16 / float32 (upcast exactly). Memory traffic per element
+(fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h].
+
+.. warning:: ``out`` may alias ``x`` (in-place step); it must not alias ``noise``, ``model_out``, ``fresh`` or
+   ``h``.
+.. warning:: The ops are registered for CPU and (where built) CUDA tensors. Under ``torch.compile`` they are
+   traced through the fake implementations below and functionalised (they mutate only ``out`` and ``h``);
+   they allocate nothing and never synchronise, so CUDA graphs capture them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import GUIDE_KINDS, PREDICTIONS
+from .table import NUM_COLS
+
+__all__ = ["available", "ddpm_step_csrc", "ddim_step_csrc", "load_error"]
+
+# The compiled modules are empty: importing them only loads the shared libraries, whose static initialisers
+# register the schemas (TORCH_LIBRARY in csrc/ops.cpp) and the kernels (TORCH_LIBRARY_IMPL per device) with
+# the dispatcher. The ops are then reached as torch.ops.cg_fast.*, never through these modules.
+try:
+    from cg_fast import _C  # noqa: F401  (CPU kernels + schemas)
+except ImportError as err:  # not built (isolated build, no compiler, CG_FAST_NO_CSRC=1, ...)
+    _C = None
+    _LOAD_ERROR: str | None = f"{type(err).__name__}: {err}"
+else:
+    _LOAD_ERROR = None
+    try:
+        from cg_fast import _C_cuda  # noqa: F401  (CUDA kernels; built only with a CUDA torch and nvcc)
+    except ImportError:
+        pass
+
+
+def available() -> bool:
+    """Whether the compiled operators are loaded (``torch.ops.cg_fast.ddpm_step`` exists)."""
+    return _LOAD_ERROR is None and hasattr(torch.ops.cg_fast, "ddpm_step")
+
+
+def load_error() -> str | None:
+    """Why the extension could not be imported (None when it was)."""
+    return _LOAD_ERROR
+
+
+# -- fake (meta) implementations: shapes / dtypes only, for torch.compile and FakeTensor tracing -----------------
+def _fake_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, out: Tensor, *, guide: str = "none",
+               fresh: Tensor | None = None, h: Tensor | None = None, prediction: str = "eps",
+               learned_var: bool = False, clip: bool = True, cfg_channels: int | None = None) -> None:
+    torch._check(out.shape == x.shape, lambda: f"cg_fast step: out must have the shape of x {tuple(x.shape)}")
+    torch._check(coef.dim() == 2 and coef.shape[1] == NUM_COLS,
+                 lambda: f"cg_fast step: coef must have shape [B, {NUM_COLS}], got {tuple(coef.shape)}")
+    if h is not None:
+        torch._check(h.shape == x.shape, lambda: f"cg_fast step: h must have the shape of x {tuple(x.shape)}")
+    return None
+
+
+if _C is not None and not getattr(_C, "_cg_fast_fakes_registered", False):
+    # Once per process (the flag lives on the extension module, which survives a reload of this file).
+    torch.library.register_fake("cg_fast::ddpm_step", _fake_step)
+    torch.library.register_fake("cg_fast::ddim_step", _fake_step)
+    _C._cg_fast_fakes_registered = True
+
+
+# -- typed wrappers with the reference signature --------------------------------------------------------------------
+def _check_args(guide: str, fresh: Tensor | None, h: Tensor | None, prediction: str) -> None:
+    """The reference's argument errors (ValueError), raised before the op's own TORCH_CHECKs."""
+    if guide not in GUIDE_KINDS:
+        raise ValueError(f"unknown guide kind {guide!r}: use one of {GUIDE_KINDS}")
+    if guide == "none" and (fresh is not None or h is not None):
+        raise ValueError("guide='none' takes neither fresh guidance nor a cache state")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+
+
+def _out_like(x: Tensor, out: Tensor | None) -> Tensor:
+    if out is not None:
+        return out
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+def ddpm_step_csrc(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor,
+    *,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One fused DDPM ancestral step (ADM ``p_sample`` + ``condition_mean``; spec §5), returns x_{t-1}.
+
+    Arguments and results as :func:`cg_fast.kernels.reference.ddpm_step_ref`: ``guide`` is "none",
+    "classifier" (``fresh`` = classifier gradient g, or None at a skipped step) or "cfg" (``model_out`` the
+    conditional output, ``fresh`` the unconditional one or None; spec §6, optionally on the first
+    ``cfg_channels`` channels only). ``h`` (reuse / momentum cache, spec §4) is updated in place; ``out`` may
+    alias ``x``.
+    """
+    _check_args(guide, fresh, h, prediction)
+    out = _out_like(x, out)
+    torch.ops.cg_fast.ddpm_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
+                                prediction=prediction, learned_var=learned_var, clip=clip,
+                                cfg_channels=cfg_channels)
+    return out
+
+
+def ddim_step_csrc(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor,
+    *,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One fused DDIM step (ADM ``ddim_sample`` + ``condition_score``; spec §5), returns x_{t-1}.
+
+    Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
+    :func:`ddpm_step_csrc`; the variance channels of a learned-variance model are ignored, as in ADM.
+    """
+    _check_args(guide, fresh, h, prediction)
+    out = _out_like(x, out)
+    torch.ops.cg_fast.ddim_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
+                                prediction=prediction, learned_var=learned_var, clip=clip,
+                                cfg_channels=cfg_channels)
+    return out
