@@ -309,14 +309,12 @@ class Sampler:
         y = self._labels(y, batch, guidance, dev)
         off_clf = off_classifier if off_classifier is not None else self.off_classifier
         cfg = guidance if isinstance(guidance, CFG) else None
-        clf = guidance if isinstance(guidance, ClassifierGuidance) else None
 
         mask = self.guided_mask(guidance)
         stateful = guidance is not None and guidance.plan(mask).stateful
         rows = self.table(guidance).to(dev)[:, None, :].expand(n, batch, NUM_COLS).contiguous()
         ts = torch.as_tensor(self.schedule.original_timesteps_in_sampling_order(), device=dev)
         ts = ts[:, None].expand(n, batch).contiguous()  # t_j per row, original training timesteps
-        guide_kind = "none" if guidance is None else guidance.kind
         y2 = ts2 = None
         if cfg is not None:
             y2 = torch.cat([y, torch.full_like(y, cfg.null_label)])

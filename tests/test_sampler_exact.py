@@ -1,7 +1,6 @@
 """Same seed, same samples as guided-diffusion: bitwise agreement with the independent oracle."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
