@@ -3,6 +3,7 @@ released checkpoints unchanged, capture-safe (CUDA graphs, `torch.compile(fullgr
 
     import cg_fast.models as M
     unet = M.load(M.create("adm-64-cond"), "64x64_diffusion.pt")        # denoiser: unet(x, t, y)
+    unet = M.load(M.create("adm-64-cond", device="meta"), "64x64_diffusion.pt", device="cuda")  # no random init
     clf = M.load(M.create("adm-64-classifier"), "64x64_classifier.pt")  # classifier: clf(x, t) -> logits
     dit = M.load(M.create("dit-xl-2-256"), "DiT-XL-2-256x256.pt")       # dit(z, t, y); y=None -> null class
     unet.cg_config                                                      # schedule, learn_sigma, clipping, ...

@@ -283,12 +283,14 @@ class _ADMBase(nn.Module):
         use_scale_shift_norm: bool,
         resblock_updown: bool,
         use_new_attention_order: bool,
+        num_classes: int | None = None,
     ) -> tuple[int, int, list[int]]:
+        """Build the embeddings, `input_blocks` and `middle_block`; return (channels, downsampling, skip chans)."""
         emb_dim = 4 * model_channels
         self.time_proj = SinusoidalTimestepEmbedding(model_channels)
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if getattr(self, "num_classes", None) is not None:
-            self.label_emb = nn.Embedding(self.num_classes, emb_dim)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, num_heads, num_head_channels, use_new_attention_order)
@@ -398,6 +400,7 @@ class UNetModel(_ADMBase):
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
             use_new_attention_order=use_new_attention_order,
+            num_classes=num_classes,
         )
         emb_dim = 4 * model_channels
         self.output_blocks = nn.ModuleList()

@@ -8,7 +8,8 @@ unpickled; `argparse.Namespace`, which DiT training checkpoints keep under "args
 `.safetensors` file, or an in-memory state dict. Wrapped checkpoints are unwrapped: DiT training checkpoints
 ({"model", "ema", "opt", "args"}) give their "ema" weights; "state_dict" / "model" wrappers are opened. A key
 prefix that every key carries and the model lacks ("module." from DistributedDataParallel, "_orig_mod." from
-torch.compile) is stripped with a warning.
+torch.compile) is stripped with a warning. A model built on the meta device is materialised by `load` itself,
+which skips the random initialisation of a large model (seconds on a CPU).
 """
 from __future__ import annotations
 
@@ -178,12 +179,15 @@ def load(
     source: str | os.PathLike | Mapping[str, Any],
     *,
     map_location: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Load `source` (a checkpoint path or a state dict) into `model` exactly; returns `model`.
 
     Every parameter must be present with its shape and no extra key may remain; otherwise a
     `LayoutMismatchError` lists the first missing, unexpected and wrong-shape keys and names the registered
     config whose layout matches the checkpoint, if there is one. Tensors are cast to the model's dtypes.
+    A model built on the meta device (`create(name, device="meta")`, no random initialisation) is materialised
+    on `device` (default: `map_location`) once the checkpoint is known to fit, then filled.
     """
     obj = read_checkpoint(source, map_location) if isinstance(source, (str, os.PathLike)) else source
     sd = unwrap_state_dict(obj)
@@ -194,6 +198,9 @@ def load(
     wrong = [(k, tuple(sd[k].shape), own[k]) for k in own if k in sd and tuple(sd[k].shape) != own[k]]
     if missing or unexpected or wrong:
         raise _mismatch_error(model, sd, missing, unexpected, wrong)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # allocate without initialising; non-persistent buffers (timestep frequencies) rebuild themselves
+        model.to_empty(device=device if device is not None else map_location)
     model.load_state_dict(sd, strict=True)
     return model
 
