@@ -34,8 +34,9 @@ def _demo(args: argparse.Namespace) -> int:
           f"{cfg.method} {cfg.steps} steps, classifier scale {cfg.scale}, {cfg.num_samples} samples x "
           f"{len(cfg.seeds)} seeds", flush=True)
     start = time.perf_counter()
+    samples: dict = {}
     try:
-        results = run_demo(cfg, out=out, progress=args.progress)
+        results = run_demo(cfg, out=out, progress=args.progress, keep_samples=samples)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {out}" if out else "\ninterrupted", file=sys.stderr)
         return 130
@@ -45,6 +46,12 @@ def _demo(args: argparse.Namespace) -> int:
           f"noise floor (two exact sets). mean ± std over seeds {cfg.seeds}. Total {time.perf_counter() - start:.1f} s.")
     if out:
         print(f"results: {out}")
+    if args.plot:
+        try:
+            from .demo import plot_demo
+            print(f"figure: {plot_demo(results, samples, Path(args.plot))}")
+        except ImportError:
+            print("figure skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0
 
 
@@ -75,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo.json",
                    help="results JSON, written after every run; a rerun resumes (default out/demo.json; '' = none)")
     d.add_argument("--progress", action="store_true", help="progress bar per sampling run")
+    d.add_argument("--plot", default="out/demo.png",
+                   help="figure: quality vs cost and samples (default out/demo.png; '' = none; needs matplotlib)")
     d.set_defaults(func=_demo)
 
     q = sub.add_parser("plan", help="print which steps a guidance policy guides")

@@ -23,7 +23,7 @@ from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .testbeds.gmm import GaussianMixture
 
-__all__ = ["DemoConfig", "DEMO_RUNS", "run_demo", "format_table"]
+__all__ = ["DemoConfig", "DEMO_RUNS", "run_demo", "format_table", "plot_demo"]
 
 
 @dataclass
@@ -67,11 +67,13 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path | None = None,
-             log: Callable[[str], None] = print, progress: bool = False) -> dict:
+             log: Callable[[str], None] = print, progress: bool = False,
+             keep_samples: dict | None = None) -> dict:
     """Run every configuration for every seed; returns (and, with ``out``, saves after each run) results.
 
     Results are written atomically after every (configuration, seed), so an interrupted demo keeps what
     it finished; a rerun with the same ``out`` and configuration skips the runs already there.
+    ``keep_samples``: a dict that receives the first seed's samples per configuration (for pictures).
     """
     runs = DEMO_RUNS if runs is None else runs
     sched = NoiseSchedule.linear(1000)
@@ -93,6 +95,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
 
     # exact references per seed, and the noise floor (two independent exact sets)
     refs = {}
+    if keep_samples is not None:
+        keep_samples["_labels"], keep_samples["_gmm"] = y, gmm
     for seed in cfg.seeds:
         g = torch.Generator().manual_seed(10_000 + seed)
         refs[seed] = gmm.sample(y, generator=g)
@@ -112,6 +116,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
                                                                   **extra)
             res = sampler.sample((cfg.num_samples, cfg.dim), y=y, guidance=guid, progress=progress,
                                  generator=torch.Generator().manual_seed(seed))
+            if keep_samples is not None and seed == cfg.seeds[0]:
+                keep_samples[name] = res.x
             per_seed[str(seed)] = {
                 "sw": conditional_sliced_wasserstein(res.x, y, refs[seed], y),
                 "accuracy": gmm.posterior_accuracy(res.x, y),
@@ -119,6 +125,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
             }
             if out is not None:
                 _atomic_write_json(out, results)
+        if keep_samples is not None and "exact p(x|y)" not in keep_samples:
+            keep_samples["exact p(x|y)"] = refs[cfg.seeds[0]]
         log(f"  {name}: done")
     return results
 
@@ -141,3 +149,42 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<14} {r0['guided_steps']:>6} {r0['denoiser_passes']:>8} {r0['classifier_grads']:>9} "
                      f"{tm:>7.2f} {sw[0]:>17.4f} ± {sw[1]:.4f} {ac[0]:>9.4f} ± {ac[1]:.4f}")
     return "\n".join(lines)
+
+
+def plot_demo(results: dict, samples: dict, path: Path) -> Path:
+    """Two panels: quality against classifier gradients (mean ± std over seeds), and samples projected on the
+    plane of the two leading principal directions of the class means, coloured by label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, *grid) = plt.subplots(1, 5, figsize=(20, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1, 1, 1]})
+    floor = _mean_std([r["sw_floor"] for r in results["reference"].values()])
+    ax.axhspan(floor[0] - floor[1], floor[0] + floor[1], color="0.85", label="exact noise floor")
+    for name, per_seed in results["runs"].items():
+        rows = list(per_seed.values())
+        sw = _mean_std([r["sw"] for r in rows])
+        ax.errorbar(rows[0]["classifier_grads"], sw[0], yerr=sw[1], fmt="o", capsize=3)
+        ax.annotate(name, (rows[0]["classifier_grads"], sw[0]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("classifier gradients (forward + backward)")
+    ax.set_ylabel("sliced W2 to exact p(x|y)  (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("quality vs guidance cost")
+    ax.legend(loc="upper right", fontsize=8)
+
+    gmm, y = samples.get("_gmm"), samples.get("_labels")
+    means = gmm.means - gmm.means.mean(0)
+    basis = torch.linalg.svd(means, full_matrices=False).Vh[:2].T.float()  # d x 2
+    for axis, name in zip(grid, ["exact p(x|y)", "full", "compg k=1", "early stop"]):
+        if name in samples:
+            p = samples[name].float() @ basis
+            axis.scatter(p[:, 0], p[:, 1], c=y, s=2, cmap="tab10", alpha=0.6)
+        axis.set_title(name)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -37,3 +37,16 @@ def test_plan_and_errors(capsys):
     assert "34 of 250 steps guided" in capsys.readouterr().out
     assert main(["plan", "compress", "--rate", "0"]) == 2
     assert "rate" in capsys.readouterr().err
+
+
+def test_demo_figure(tmp_path):
+    import pytest
+    pytest.importorskip("matplotlib")
+    from cg_fast.demo import plot_demo
+    samples: dict = {}
+    cfg = DemoConfig(num_samples=160, steps="10", seeds=[0, 1])
+    res = run_demo(cfg, runs={k: DEMO_RUNS[k] for k in ("full", "compg k=1", "unguided")}, log=lambda s: None,
+                   keep_samples=samples)
+    assert {"full", "compg k=1", "exact p(x|y)"} <= set(samples) and samples["full"].shape == (160, 8)
+    path = plot_demo(res, samples, tmp_path / "demo.png")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
