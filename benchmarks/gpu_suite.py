@@ -10,6 +10,10 @@ Sections (each guarded: an error is recorded and the suite goes on; the JSON is 
   sampling     whole 50-step DDPM runs: CompG (rate 5, k 1: 12 guided steps), full guidance and unguided, per
                backend (issue 5), with the targets of the issues and the peer figures of gpu-anchors.md
 Random weights throughout (speed does not depend on them). Figures are comparable only within one run.
+Models are built one at a time on the device and freed (with their captured graphs) before the next.
+
+TensorRT runs only on request (``--backends tensorrt cudagraph eager``): an engine build per model and
+batch takes minutes, more than this suite's budget, and cannot be interrupted by it.
 """
 from __future__ import annotations
 
@@ -73,18 +77,29 @@ class Suite:
         self.save()
 
 
+def _version(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "?")
+    except Exception as e:  # noqa: BLE001 - record, do not fail the section
+        return f"unavailable ({type(e).__name__})"
+
+
 def env() -> dict:
-    import triton
     return {"gpu": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+            "tensorrt": _version("tensorrt"), "onnxruntime": _version("onnxruntime"),
             "python": platform.python_version(),
             "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
 
 
-def correctness() -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "TRITON_INTERPRET": "0"})
+def correctness(timeout_s: float = 240.0) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "TRITON_INTERPRET": "0"})
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"returncode": None, "timeout_s": timeout_s, "tail": out[-3000:]}
     return {"returncode": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-1000:]}
 
 
@@ -118,38 +133,54 @@ def _inputs(model, batch: int, with_y: bool = True):
     return x, t, y
 
 
+def _free() -> None:
+    """Give the memory of the objects just dropped (weights, graph pools) back before the next model."""
+    import gc
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 def forward() -> dict:
     import cg_fast.models as M
     from cg_fast.backends.cudagraph import CUDAGraphClassifierGrad, CUDAGraphDenoiser
 
-    res: dict[str, Any] = {"targets_ms_h200": FORWARD_TARGETS}
+    res: dict[str, Any] = {"targets_ms_h200": FORWARD_TARGETS, "errors": {}}
     cases = [("adm64_unet", "adm-64-cond", None, (1, 64)), ("adm64_unet_bf16", "adm-64-cond", torch.bfloat16, (64,)),
              ("adm256_unet", "adm-256-cond", None, (16,)), ("dit", "dit-xl-2-256", torch.float32, (1, 16)),
              ("dit_bf16", "dit-xl-2-256", torch.bfloat16, (1, 16))]
-    for label, name, dtype, batches in cases:
-        model = M.create(name, dtype=dtype, device="cuda").eval()
-        graphed = CUDAGraphDenoiser(model)
-        for b in batches:
-            x, t, y = _inputs(model, b)
-            with torch.no_grad():
-                res[f"{label}_b{b}_eager_ms"] = time_ms(lambda: model(x, t, y))
-            res[f"{label}_b{b}_graph_ms"] = time_ms(lambda: graphed(x, t, y))
-        model = graphed = None  # free the weights before the next model
-        torch.cuda.empty_cache()
+    for label, name, dtype, batches in cases:  # each case guarded: one failure must not cost the others
+        model = graphed = None
+        try:
+            model = M.create(name, dtype=dtype, device="cuda").eval()
+            graphed = CUDAGraphDenoiser(model)
+            for b in batches:
+                x, t, y = _inputs(model, b)
+                with torch.no_grad():
+                    res[f"{label}_b{b}_eager_ms"] = time_ms(lambda: model(x, t, y))
+                res[f"{label}_b{b}_graph_ms"] = time_ms(lambda: graphed(x, t, y))
+        except Exception as e:  # noqa: BLE001
+            res["errors"][label] = f"{type(e).__name__}: {e}"[:1000]
+        model = graphed = x = t = y = None  # free the weights and graphs before the next model
+        _free()
     for label, dtype in (("adm64_clf_grad_fp16", torch.float16), ("adm64_clf_grad_fp32", torch.float32)):
-        clf = M.create("adm-64-classifier", dtype=dtype, device="cuda").eval()
-        x, t, y = _inputs(clf, 64)
-
-        def eager_grad():
-            xi = x.detach().requires_grad_(True)
-            lp = torch.log_softmax(clf(xi, t), -1).gather(1, y[:, None]).sum()
-            return torch.autograd.grad(lp, xi)[0]
-
-        res[f"{label}_b64_eager_ms"] = time_ms(eager_grad)
-        g = CUDAGraphClassifierGrad(clf)
-        res[f"{label}_b64_graph_ms"] = time_ms(lambda: g(x, t, y))
         clf = g = None
-        torch.cuda.empty_cache()
+        try:
+            clf = M.create("adm-64-classifier", dtype=dtype, device="cuda").eval()
+            x, t, y = _inputs(clf, 64)
+
+            def eager_grad():
+                xi = x.detach().requires_grad_(True)
+                lp = torch.log_softmax(clf(xi, t), -1).gather(1, y[:, None]).sum()
+                return torch.autograd.grad(lp, xi)[0]
+
+            res[f"{label}_b64_eager_ms"] = time_ms(eager_grad)
+            g = CUDAGraphClassifierGrad(clf)
+            res[f"{label}_b64_graph_ms"] = time_ms(lambda: g(x, t, y))
+        except Exception as e:  # noqa: BLE001
+            res["errors"][label] = f"{type(e).__name__}: {e}"[:1000]
+        clf = g = x = t = y = None
+        _free()
     return res
 
 
@@ -160,13 +191,25 @@ def sampling(backends: list[str], budget_end: float, suite: Suite) -> dict:
 
     res: dict[str, Any] = {}
     for wl, spec in SAMPLING.items():
-        model = M.create(spec["model"], dtype=torch.bfloat16 if spec["clf"] is None else None, device="cuda").eval()
-        cfg = model.cg_config
-        sched = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
-        clf = M.create(spec["clf"], dtype=torch.float16, device="cuda").eval() if spec["clf"] else None
+        if suite.elapsed() > budget_end:
+            res[wl] = "skipped: time budget"
+            continue
+        model = clf = sampler = first = again = None
+        try:
+            model = M.create(spec["model"], dtype=torch.bfloat16 if spec["clf"] is None else None,
+                             device="cuda").eval()
+            cfg = model.cg_config
+            sched = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
+            clf = M.create(spec["clf"], dtype=torch.float16, device="cuda").eval() if spec["clf"] else None
+        except Exception as e:  # noqa: BLE001
+            res[wl] = f"error creating the models: {type(e).__name__}: {e}"[:1000]
+            model = clf = None
+            _free()
+            continue
         b = spec["batch"]
         y = torch.randint(0, 1000, (b,), device="cuda")
         shape = (b, *cfg.input_shape)
+        torch.cuda.reset_peak_memory_stats()
 
         def guidance(policy):
             if clf is not None:
@@ -178,30 +221,36 @@ def sampling(backends: list[str], budget_end: float, suite: Suite) -> dict:
             if suite.elapsed() > budget_end:
                 entry[backend] = "skipped: time budget"
                 continue
+            runs: dict[str, Any] = {}
             try:
                 sampler = Sampler(model, sched, "50", learn_sigma=cfg.learn_sigma, clip_denoised=cfg.clip_denoised,
                                   backend=backend)
-                runs = {}
                 for label, g in (("compg", guidance(Compress(rate=5, k=1))), ("full", guidance(Full())),
                                  ("unguided", None)):
+                    # first: captures / builds / compiles; again: the steady state
                     first = sampler.sample(shape, y=y, guidance=g, generator=torch.Generator("cuda").manual_seed(0))
                     again = sampler.sample(shape, y=y, guidance=g, generator=torch.Generator("cuda").manual_seed(0))
                     runs[label] = {"first_s": round(first.stats.wall_time, 4), "s": round(again.stats.wall_time, 4),
                                    "denoiser_rows": again.stats.denoiser_rows,
                                    "classifier_grads": again.stats.classifier_grads,
-                                   "same_samples_twice": bool(torch.equal(first.x, again.x))}
+                                   "same_samples_twice": bool(torch.equal(first.x, again.x)),
+                                   "finite": bool(torch.isfinite(again.x).all())}
+                    first = again = None
                 runs["compg_over_unguided"] = runs["compg"]["s"] / runs["unguided"]["s"]
                 runs["full_over_compg"] = runs["full"]["s"] / runs["compg"]["s"]
                 runs["peer_full_over_compg"] = spec["peer_full"] / runs["compg"]["s"]
                 entry[backend] = runs
-            except Exception as e:
-                entry[backend] = f"error: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001
+                entry[backend] = {**runs, "error": f"{type(e).__name__}: {e}"[:1000]}  # keep what was measured
+            sampler = first = again = None  # its captured graphs and their memory pools go with it
+            _free()
             suite.results["sections"]["sampling_partial"] = {**res, wl: entry}
             suite.save()
+        entry["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         res[wl] = entry
         print(f"   {wl}: {json.dumps(entry, default=str)[:400]}", flush=True)
-        model = clf = None
-        torch.cuda.empty_cache()
+        model = clf = sampler = None
+        _free()
     suite.results["sections"].pop("sampling_partial", None)
     return res
 
@@ -211,7 +260,8 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     p.add_argument("--budget", type=float, default=330.0, help="seconds after which no new section starts")
     p.add_argument("--backends", nargs="+", default=["cudagraph", "eager"],
-                   help="sampling backends (tensorrt is added when installed; compile on request)")
+                   help="sampling backends (tensorrt, compile, onnx on request: engine builds and compiles take "
+                        "minutes)")
     p.add_argument("--sections", nargs="+", default=["env", "correctness", "kernels", "forward", "sampling"])
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -222,13 +272,9 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     backends = list(args.backends)
-    try:
-        import tensorrt  # noqa: F401
-        backends.insert(0, "tensorrt")
-    except ImportError:
-        pass
     suite = Suite(Path(args.out), args.budget)
-    table = {"env": env, "correctness": correctness, "kernels": kernels, "forward": forward,
+    table = {"env": env, "kernels": kernels, "forward": forward,
+             "correctness": lambda: correctness(max(30.0, min(240.0, args.budget - suite.elapsed()))),
              "sampling": lambda: sampling(backends, args.budget, suite)}
     for name in args.sections:
         suite.section(name, table[name])

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["StepBuffers", "StepProgram", "EagerRunner", "GraphRunner"]
+__all__ = ["StepBuffers", "StepProgram", "EagerRunner", "GraphRunner", "module_signature"]
 
 
 @dataclass
@@ -115,36 +115,57 @@ class EagerRunner:
 class GraphRunner:
     """Captures the program once per step kind (skipped / guided) as a CUDA graph and replays it.
 
-    The first call of each kind warms up on a side stream (``warmup`` eager iterations, which also run
-    the host-side checks), then captures; ``x`` and ``h`` are saved before the warm-up and restored after
-    the capture, so the state advances exactly once per call.
+    The first call of each kind warms up (``warmup`` eager iterations, which also run the host-side checks
+    and compile Triton kernels and pick cuDNN algorithms before anything is captured), then captures.
+    Warm-up and capture run on one side stream of this runner, so per-stream library state (cuBLAS
+    workspaces, handles) is created before the capture, and the captures sharing this runner's pool use the
+    same stream, as the ``torch.cuda.graph`` docs ask. ``x`` and ``h`` are saved before the warm-up and
+    restored after the capture (also when it fails), so the state advances exactly once per call.
+
+    Both kinds share one memory pool. That is safe whatever order they are replayed in, since they never
+    run concurrently (one stream) and every tensor a graph returns is kept alive in :attr:`graphs`, so the
+    only memory two graphs can share is temporaries, dead when a replay ends.
+
+    ``meta`` holds whatever the caller wants to keep with the captured program (the sampler keeps the
+    guidance object whose methods were captured).
     """
 
-    def __init__(self, program: StepProgram, buffers: StepBuffers, warmup: int = 2) -> None:
-        if buffers.x.device.type != "cuda":
-            raise RuntimeError("GraphRunner needs CUDA tensors; use EagerRunner on the CPU")
-        self.program, self.buffers, self.warmup = program, buffers, warmup
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+    #: CUDA graph primitives (``Stream``, ``stream``, ``current_stream``, ``CUDAGraph``, ``graph``,
+    #: ``graph_pool_handle``). Tests substitute a CPU emulation of capture and replay.
+    _api: Any = torch.cuda
 
-    def _capture(self, guided: bool) -> tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]:
-        b = self.buffers
-        saved = [t.clone() for t in (b.x, b.h) if t is not None]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.program(b, guided)
-        torch.cuda.current_stream().wait_stream(side)
-        checker, self.program.check_output = self.program.check_output, None  # host-side: not captured
-        graph = torch.cuda.CUDAGraph()
+    def __init__(self, program: StepProgram, buffers: StepBuffers, warmup: int = 2) -> None:
+        if self._api is torch.cuda and buffers.x.device.type != "cuda":
+            raise RuntimeError("GraphRunner needs CUDA tensors; use EagerRunner on the CPU")
+        if warmup < 1:  # the first iteration runs host-side checks (a sync) that must not be captured
+            raise ValueError(f"GraphRunner needs at least one warm-up iteration, got warmup={warmup}")
+        self.program, self.buffers, self.warmup = program, buffers, warmup
+        self.graphs: dict[bool, tuple[Any, dict[str, Tensor]]] = {}
+        self.pool = self._api.graph_pool_handle()
+        self.stream = self._api.Stream()
+        self.meta: dict[str, Any] = {}
+
+    def _capture(self, guided: bool) -> tuple[Any, dict[str, Tensor]]:
+        api, b = self._api, self.buffers
+        state = [t for t in (b.x, b.h) if t is not None]
+        saved = [t.clone() for t in state]
+        checker = self.program.check_output
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            self.stream.wait_stream(api.current_stream())
+            try:
+                with api.stream(self.stream):
+                    for _ in range(self.warmup):
+                        self.program(b, guided)
+            finally:
+                api.current_stream().wait_stream(self.stream)
+            self.program.check_output = None  # host-side: checked in the warm-up, not captured
+            graph = api.CUDAGraph()
+            with api.graph(graph, pool=self.pool, stream=self.stream):
                 outs = self.program(b, guided)
         finally:
             self.program.check_output = checker
-        for dst, src in zip([t for t in (b.x, b.h) if t is not None], saved):
-            dst.copy_(src)
+            for dst, src in zip(state, saved):  # undo the warm-up's steps
+                dst.copy_(src)
         return graph, outs
 
     def run(self, guided: bool) -> dict[str, Tensor]:
@@ -152,4 +173,14 @@ class GraphRunner:
             self.graphs[guided] = self._capture(guided)
         graph, outs = self.graphs[guided]
         graph.replay()
-        return {k: v.clone() for k, v in outs.items()}
+        return {k: v.clone() for k, v in outs.items()}  # the graph's own buffers: copy before the next replay
+
+
+def module_signature(obj: Any) -> tuple:
+    """What a captured graph bakes in about a model or classifier: its identity and the address, dtype
+    and device of every parameter and buffer (a ``.half()`` or ``.to(device)`` replaces them, in-place
+    weight loading keeps them). Part of the sampler's graph-cache key."""
+    if not isinstance(obj, torch.nn.Module):
+        return (id(obj),)
+    tensors = list(obj.parameters()) + list(obj.buffers())
+    return (id(obj), tuple((t.data_ptr(), t.dtype, str(t.device)) for t in tensors))

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends
 from . import kernels as kernels_mod
-from .engine import EagerRunner, GraphRunner, StepBuffers, StepProgram
+from .engine import EagerRunner, GraphRunner, StepBuffers, StepProgram, module_signature
 from .guidance import CFG, ClassifierGuidance, ClassifierRecord, classifier_log_prob
 from .kernels.table import NUM_COLS, VARIANCE_TYPES, Col, schedule_columns
 from .schedules import NoiseSchedule, SpacedSchedule
@@ -394,9 +394,12 @@ class Sampler:
         graphed = backend == "cudagraph"
         cfg = guidance if isinstance(guidance, CFG) else None
         clf = guidance if isinstance(guidance, ClassifierGuidance) else None
+        # everything the captured program depends on (per-step numbers live in the buffers, not here)
         key = (tuple(x.shape), str(x.device), guidance.kind if guidance is not None else "none", stateful,
-               cfg.batched if cfg else None, cfg.channels if cfg else None, id(clf.classifier) if clf else None,
-               self.kernels, y is None)
+               cfg.batched if cfg else None, cfg.channels if cfg else None,
+               module_signature(clf.classifier) if clf else None, module_signature(self.model),
+               self.method, self.prediction, self.learn_sigma, self.clip_denoised, self.class_cond,
+               kernels_mod.resolve(x, self.kernels), y is None) if graphed else None
         if graphed and key in self._graph_cache:
             runner, bufs = self._graph_cache[key]
             bufs.x.copy_(x)
@@ -405,13 +408,18 @@ class Sampler:
             for dst, src in ((bufs.y, y), (bufs.y2, y2)):
                 if dst is not None:
                     dst.copy_(src)
-            if clf is not None and clf.num_classes is not None and int(y.max()) >= clf.num_classes:
-                raise ValueError(f"labels out of range for the classifier: it has {clf.num_classes} classes but "
+            # the label check ran in the first capture's warm-up, maybe for another guidance object
+            known = clf.num_classes if clf is not None else None
+            if clf is not None and known is None:
+                known = runner.meta["classifier"].num_classes
+            if known is not None and int(y.max()) >= known:
+                raise ValueError(f"labels out of range for the classifier: it has {known} classes but "
                                  f"got label {int(y.max())}")
             return runner, bufs
 
         bufs = StepBuffers(x=x, z=torch.empty_like(x), coef=coef0.clone(), t=t0.clone(),
-                           h=torch.zeros_like(x) if stateful else None, y=y,
+                           h=torch.zeros_like(x) if stateful else None,
+                           y=y.clone() if graphed and y is not None else y,  # graphs own their buffers
                            t2=None if t20 is None else t20.clone(), y2=y2)
         first_grad = [True]
 
@@ -444,6 +452,7 @@ class Sampler:
         if not graphed:
             return EagerRunner(program, bufs), bufs
         runner = GraphRunner(program, bufs)
+        runner.meta["classifier"] = clf  # its gradient() is what the guided graph captures
         self._graph_cache[key] = (runner, bufs)
         return runner, bufs
 

@@ -13,7 +13,7 @@ replays; a replay launches the whole network at once (at batch 1 ADM-64 is ~10x 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -32,37 +32,45 @@ def _signature(*tensors: Tensor | None) -> tuple:
     return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
-def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor | None, ...], warmup: int,
-             pool) -> _Captured:
+def _capture(api: Any, fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor | None, ...], warmup: int,
+             pool, stream) -> _Captured:
+    """Warm up on ``stream`` (cuDNN/cuBLAS choices, Triton compiles, autograd state), then capture on it."""
     static = tuple(None if t is None else t.detach().clone() for t in inputs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    stream.wait_stream(api.current_stream())
+    try:
+        with api.stream(stream):
+            for _ in range(warmup):
+                fn(*static)
+    finally:
+        api.current_stream().wait_stream(stream)
+    graph = api.CUDAGraph()
+    with api.graph(graph, pool=pool, stream=stream):
         outputs = fn(*static)
     return _Captured(graph, static, outputs)
 
 
 class _Graphed:
+    #: CUDA graph primitives; tests substitute a CPU emulation of capture and replay.
+    _api: Any = torch.cuda
+
     def __init__(self, warmup: int = 3) -> None:
-        if not torch.cuda.is_available():
+        if self._api is torch.cuda and not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device")
+        if warmup < 1:
+            raise ValueError(f"CUDA graph capture needs at least one warm-up iteration, got warmup={warmup}")
         self.warmup = warmup
         self._graphs: dict[tuple, _Captured] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = self._api.graph_pool_handle()  # all signatures share it: their outputs are all kept alive
+        self._stream = self._api.Stream()  # warm-ups and captures of every signature
 
     def _replay(self, fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor | None) -> tuple[Tensor, ...]:
         for t in inputs:
-            if t is not None and t.device.type != "cuda":
+            if t is not None and t.device.type != "cuda" and self._api is torch.cuda:
                 raise ValueError(f"CUDA graph replay needs CUDA tensors, got a tensor on {t.device}")
         key = _signature(*inputs)
         cap = self._graphs.get(key)
         if cap is None:
-            cap = self._graphs[key] = _capture(fn, inputs, self.warmup, self._pool)
+            cap = self._graphs[key] = _capture(self._api, fn, inputs, self.warmup, self._pool, self._stream)
         else:
             for dst, src in zip(cap.inputs, inputs):
                 if dst is not None:

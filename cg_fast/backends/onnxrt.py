@@ -24,7 +24,51 @@ from torch import Tensor, nn
 __all__ = ["OnnxDenoiser", "export_denoiser"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
-_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+              torch.int64: np.int64, torch.int32: np.int32}
+# ONNX Runtime's type strings (NodeArg.type) -> torch dtypes that IOBinding can bind (numpy has no bfloat16)
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+              "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
+
+
+def _bound_dtype(arg: Any) -> torch.dtype:
+    """The torch dtype of a session input/output (``NodeArg``), if IOBinding can bind it."""
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise TypeError(f"ONNX Runtime I/O binding of {arg.name!r} ({arg.type}) is not supported: the exported "
+                        f"graph should take and return float32/float16 x and int64 t, y")
+    return dtype
+
+
+def run_bound(sess: Any, inputs: list[Tensor], device: torch.device) -> Tensor:
+    """Run ``sess`` on ``inputs`` (in the session's input order) with IOBinding: inputs and the output are
+    bound by device pointer, no host copies. ``device`` is where the tensors live ("cuda" for the CUDA
+    provider; "cpu" works too, and is how the binding is tested without a GPU).
+
+    Inputs are cast to the dtypes the graph declares; the output gets the graph's output dtype and (static)
+    shape. ONNX Runtime runs on its own CUDA stream: PyTorch's current stream is synchronised first so the
+    inputs are complete, and ``run_with_iobinding`` returns after ORT's stream has finished.
+    """
+    device_type = "cuda" if device.type == "cuda" else "cpu"
+    dev_id = (device.index or 0) if device_type == "cuda" else 0
+    args = sess.get_inputs()
+    if len(args) != len(inputs):
+        raise ValueError(f"the session takes {len(args)} inputs ({[a.name for a in args]}), got {len(inputs)}")
+    # keep every bound tensor referenced until the run has finished
+    bound = [v.to(device=device, dtype=_bound_dtype(a)).contiguous() for a, v in zip(args, inputs)]
+    out_meta = sess.get_outputs()[0]
+    if not all(isinstance(d, int) for d in out_meta.shape):
+        raise RuntimeError(f"the exported graph's output {out_meta.name!r} has a dynamic shape {out_meta.shape}; "
+                           "export with static shapes")
+    out = torch.empty(list(out_meta.shape), dtype=_bound_dtype(out_meta), device=device)
+    binding = sess.io_binding()
+    for a, v in zip(args, bound):
+        binding.bind_input(a.name, device_type, dev_id, _NP_DTYPES[v.dtype], tuple(v.shape), v.data_ptr())
+    binding.bind_output(out_meta.name, device_type, dev_id, _NP_DTYPES[out.dtype], tuple(out.shape), out.data_ptr())
+    if device_type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # ORT's stream does not wait for PyTorch's
+    sess.run_with_iobinding(binding)
+    return out
 
 
 class _AsModule(nn.Module):
@@ -91,13 +135,16 @@ class OnnxDenoiser:
         return want
 
     def _session(self, x: Tensor, t: Tensor, y: Tensor | None):
-        key = (tuple(x.shape), x.dtype, y is not None, x.device.type, self._provider_for(x.device))
+        key = (tuple(x.shape), x.dtype, y is not None, str(x.device), self._provider_for(x.device))
         sess = self._sessions.get(key)
         if sess is None:
             name = "denoiser_" + "x".join(map(str, x.shape)) + f"_{str(x.dtype)[6:]}_{'y' if y is not None else 'noy'}.onnx"
-            path = export_denoiser(self.model, self.cache_dir / name, x.cpu(), t.cpu(),
-                                   None if y is None else y.cpu(), self.opset_version)
-            providers = ["CUDAExecutionProvider"] if key[-1] == "cuda" else ["CPUExecutionProvider"]
+            # export with the tensors where they are: tracing CPU inputs through a CUDA model fails
+            path = export_denoiser(self.model, self.cache_dir / name, x, t, y, self.opset_version)
+            if key[-1] == "cuda":
+                providers = [("CUDAExecutionProvider", {"device_id": x.device.index or 0})]
+            else:
+                providers = ["CPUExecutionProvider"]
             sess = self._ort.InferenceSession(str(path), sess_options=self.session_options, providers=providers)
             self._sessions[key] = sess
         return sess, key[-1]
@@ -109,14 +156,7 @@ class OnnxDenoiser:
         if provider == "cpu":
             feeds = {n: v.detach().cpu().numpy() for n, v in zip(names, inputs)}
             return torch.from_numpy(sess.run(None, feeds)[0]).to(x.device)
-        # CUDA provider: bind device memory directly
-        out_meta = sess.get_outputs()[0]
-        out = torch.empty([int(d) for d in out_meta.shape], dtype=x.dtype, device=x.device)
-        binding = sess.io_binding()
-        dev_id = x.device.index or 0
-        for n, v in zip(names, inputs):
-            v = v.contiguous()
-            binding.bind_input(n, "cuda", dev_id, _NP_DTYPES[v.dtype], tuple(v.shape), v.data_ptr())
-        binding.bind_output(out_meta.name, "cuda", dev_id, _NP_DTYPES[out.dtype], tuple(out.shape), out.data_ptr())
-        sess.run_with_iobinding(binding)
-        return out
+        if x.device.type != "cuda":
+            raise ValueError(f"the CUDA provider binds CUDA tensors, got x on {x.device}: pass "
+                             "backend_options={'provider': 'cpu'} or sample on the GPU")
+        return run_bound(sess, [v.detach() for v in inputs], x.device)  # device memory bound directly

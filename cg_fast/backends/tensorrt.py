@@ -6,7 +6,9 @@ for exactly the shapes of the call (a static profile). Engines are cached by :cl
 key of the model-weights hash, shapes, precision, GPU name and compute capability and TensorRT version; a
 stale engine is never found (the key changes), a corrupt one is deleted and rebuilt, writes are atomic.
 
-Run: inputs and the output stay on the GPU; ``execute_async_v3`` on the current CUDA stream.
+Run: inputs and the output stay on the GPU; ``execute_async_v3`` on the current CUDA stream. Inputs are
+cast to the dtypes the engine declares (TensorRT 10 takes INT64 ``t``/``y`` as they are) and the output is
+allocated with the engine's output dtype and shape.
 
 .. warning:: Written against the TensorRT 10 Python API. It cannot run without an NVIDIA GPU and the
    ``tensorrt`` package; cg_fast's CI has neither, so only the cache logic is tested there.
@@ -39,6 +41,17 @@ def _import_trt():
     return trt
 
 
+def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
+    """The torch dtype of a ``tensorrt.DataType`` (the members TensorRT 10 documents for I/O tensors)."""
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+             "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+    for name, torch_dtype in table.items():
+        member = getattr(trt.DataType, name, None)
+        if member is not None and dt == member:
+            return torch_dtype
+    raise TypeError(f"TensorRT I/O tensor of data type {dt} has no torch equivalent here")
+
+
 class TensorRTDenoiser:
     """``model(x, t, y=None)`` run by a TensorRT engine built per static signature."""
 
@@ -60,7 +73,8 @@ class TensorRTDenoiser:
         self.weights = weights_hash(model)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
-        self._engines: dict[tuple, tuple[Any, Any, list[str], str]] = {}
+        # signature -> (engine, context, input names, output name, input dtypes, output dtype)
+        self._engines: dict[tuple, tuple[Any, Any, list[str], str, dict[str, torch.dtype], torch.dtype]] = {}
         self.built = 0  # engines built (not loaded from the cache) by this object
 
     def key(self, x: Tensor, t: Tensor, y: Tensor | None) -> EngineKey:
@@ -75,30 +89,41 @@ class TensorRTDenoiser:
         from .onnxrt import export_denoiser
 
         trt = self.trt
+        call_shapes = {n: tuple(v.shape) for n, v in zip("xty", (x, t, y)) if v is not None}
+        # The whole build happens inside the temporary directory: a large model's weights are saved as
+        # external data next to the .onnx file, and the parser (which owns the weights the network points
+        # to) must stay alive until the engine is built. The inputs stay on the model's device: tracing
+        # CPU inputs through a CUDA model fails.
         with tempfile.TemporaryDirectory(prefix="cg_fast_trt_") as tmp:
-            path = export_denoiser(self.model, Path(tmp) / "denoiser.onnx", x.cpu(), t.cpu(),
-                                   None if y is None else y.cpu(), self.opset_version)
+            path = export_denoiser(self.model, Path(tmp) / "denoiser.onnx", x, t, y, self.opset_version)
             builder = trt.Builder(self.logger)
-            network = builder.create_network(0)
+            network = builder.create_network(0)  # TensorRT 10: always explicit batch, no flag needed
             parser = trt.OnnxParser(network, self.logger)
             if not parser.parse_from_file(str(path)):
                 errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
                 raise RuntimeError(f"TensorRT could not parse the exported ONNX graph: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
-        if self.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
-        profile = builder.create_optimization_profile()  # static: min = opt = max = the call's shapes
-        for i in range(network.num_inputs):
-            inp = network.get_input(i)
-            shape = tuple(inp.shape)
-            profile.set_shape(inp.name, shape, shape, shape)
-        config.add_optimization_profile(profile)
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+            if self.precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            elif self.precision == "bf16":
+                config.set_flag(trt.BuilderFlag.BF16)
+            # The export has static shapes; should an input still be dynamic (-1), pin it to the call's
+            # shape with a min = opt = max profile (a network with dynamic inputs needs one).
+            inputs = [network.get_input(i) for i in range(network.num_inputs)]
+            dynamic = [inp for inp in inputs if any(int(d) < 0 for d in inp.shape)]
+            if dynamic:
+                profile = builder.create_optimization_profile()
+                for inp in dynamic:
+                    if inp.name not in call_shapes:
+                        raise RuntimeError(f"the exported graph has an unexpected dynamic input {inp.name!r}")
+                    shape = call_shapes[inp.name]
+                    profile.set_shape(inp.name, shape, shape, shape)
+                config.add_optimization_profile(profile)
+            blob = builder.build_serialized_network(network, config)
+            if blob is None:
+                raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+            del parser
         self.built += 1
         return bytes(blob)
 
@@ -115,25 +140,33 @@ class TensorRTDenoiser:
             else:
                 raise RuntimeError("TensorRT could not deserialize a freshly built engine")
             context = engine.create_execution_context()
+            if context is None:
+                raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
             outputs = [n for n in names if n not in inputs]
-            self._engines[sig] = (engine, context, inputs, outputs[0])
+            if len(outputs) != 1:
+                raise RuntimeError(f"expected one engine output, got {outputs}")
+            feeds = {"x": x, "t": t, "y": y}
+            for n in inputs:  # dynamic inputs (see _build) take the call's shape
+                if any(int(d) < 0 for d in engine.get_tensor_shape(n)):
+                    context.set_input_shape(n, tuple(feeds[n].shape))
+            in_dtypes = {n: _torch_dtype(self.trt, engine.get_tensor_dtype(n)) for n in inputs}
+            out_dtype = _torch_dtype(self.trt, engine.get_tensor_dtype(outputs[0]))
+            self._engines[sig] = (engine, context, inputs, outputs[0], in_dtypes, out_dtype)
         return self._engines[sig]
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.device.type != "cuda":
             raise ValueError(f"the tensorrt backend runs on CUDA tensors, got x on {x.device}")
-        engine, context, inputs, output = self._engine(x, t, y)
-        feeds = {"x": x.contiguous(), "t": t.long().contiguous()}
-        if y is not None:
-            feeds["y"] = y.long().contiguous()
+        _, context, inputs, output, in_dtypes, out_dtype = self._engine(x, t, y)
+        given = {"x": x, "t": t, "y": y}
+        # cast to what the engine declares; the tensors stay referenced until the call returns, and a freed
+        # one is reused only by later work on this same stream (the caching allocator is stream-ordered)
+        feeds = {n: given[n].to(device=x.device, dtype=in_dtypes[n]).contiguous() for n in inputs}
         for name in inputs:
             context.set_tensor_address(name, feeds[name].data_ptr())
-        trt = self.trt
-        dtype = {trt.float32: torch.float32, trt.float16: torch.float16,
-                 trt.bfloat16: torch.bfloat16}[engine.get_tensor_dtype(output)]
-        out = torch.empty(tuple(engine.get_tensor_shape(output)), dtype=dtype, device=x.device)
+        out = torch.empty(tuple(context.get_tensor_shape(output)), dtype=out_dtype, device=x.device)
         context.set_tensor_address(output, out.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed")
