@@ -23,8 +23,22 @@ import numpy as np
 __all__ = ["NoiseSchedule", "SpacedSchedule", "space_timesteps"]
 
 
+class _Betas:
+    """Tables shared by the training schedule and a respaced one (both hold float64 ``betas``)."""
+
+    betas: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas, axis=0)
+
+
 @dataclass(frozen=True, eq=False)
-class NoiseSchedule:
+class NoiseSchedule(_Betas):
     """A discrete DDPM noise schedule: ``betas`` (float64, length T_train) and the tables derived from them.
 
     Build one with :meth:`linear`, :meth:`cosine` (ADM's definitions) or :meth:`from_betas`.
@@ -73,15 +87,6 @@ class NoiseSchedule:
         if name == "cosine":
             return cls.cosine(num_steps)
         raise ValueError(f"unknown noise schedule {name!r}: use 'linear' or 'cosine'")
-
-    # -- derived tables -----------------------------------------------------------------------------------
-    @property
-    def num_steps(self) -> int:
-        return int(self.betas.shape[0])
-
-    @property
-    def alphas_cumprod(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.betas, axis=0)
 
     def respace(self, steps: str | int | Sequence[int]) -> "SpacedSchedule":
         """The respaced schedule for an ADM respacing string ("250", "ddim25", "10,15,20") or step count."""
@@ -145,7 +150,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
 
 
 @dataclass(frozen=True, eq=False)
-class SpacedSchedule:
+class SpacedSchedule(_Betas):
     """A respaced schedule: the diffusion over the kept timesteps, with ADM's float64 tables.
 
     ``timestep_map[i]`` is the ORIGINAL timestep of respaced index ``i``; models are called with it.
@@ -169,15 +174,7 @@ class SpacedSchedule:
                 tmap.append(i)
         return cls(np.array(betas, dtype=np.float64), np.array(tmap, dtype=np.int64), base.num_steps)
 
-    @property
-    def num_steps(self) -> int:
-        return int(self.betas.shape[0])
-
     # ADM GaussianDiffusion tables, float64 (names as in the DDPM/ADM papers).
-    @property
-    def alphas_cumprod(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.betas, axis=0)
-
     @property
     def alphas_cumprod_prev(self) -> np.ndarray:
         return np.append(1.0, self.alphas_cumprod[:-1])
