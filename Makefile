@@ -34,3 +34,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -f cg_fast/_C*.so

@@ -1,4 +1,115 @@
-"""Build script: the package is pure Python; csrc/ operators are added by the kernels work (issue 4)."""
+"""Build script: the pure-Python package cg_fast, plus the C++/CUDA step operators of csrc/ where possible.
+
+Metadata lives in pyproject.toml; this file only adds the compiled extensions:
+
+    cg_fast._C       csrc/ops.cpp (schemas, TORCH_LIBRARY) + csrc/cpu/step.cpp (CPU kernels, OpenMP)
+    cg_fast._C_cuda  csrc/cuda/step_cuda.cpp + csrc/cuda/step.cu (CUDA kernels); only with a CUDA build of
+                     torch and nvcc (CUDA_HOME)
+
+They are compiled against the torch that is installed, so build with ``pip install --no-build-isolation``
+(``make install`` does). torch is deliberately not a build requirement: an isolated build would download
+another (multi-GB) torch. When torch cannot be imported here, or a compile fails, the package is built
+without the extension and says why; at run time cg_fast then uses the PyTorch reference step kernels (one
+warning, same results). Environment variables:
+
+    CG_FAST_NO_CSRC=1       build no extension
+    CG_FAST_NO_CUDA=1       skip the CUDA extension even where it could be built
+    CG_FAST_REQUIRE_CSRC=1  make a failed extension build an error (and the csrc tests fail, not skip)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
 from setuptools import setup
 
-setup()
+# Bitwise agreement with the PyTorch reference needs IEEE float32 evaluation in source order: no FMA
+# contraction (GCC contracts a * b + c by default), no -ffast-math. -O3 + OpenMP simd vectorise the loops.
+# -fvisibility=hidden: only PyInit_* is exported, inline helpers are never called through the PLT.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp", "-fvisibility=hidden",
+             "-Wall", "-Wno-psabi"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]  # no FMA contraction on the GPU either (CUDA kernels, csrc/cuda/step.cu)
+LINK_FLAGS = ["-fopenmp"]
+
+
+def _say(msg: str) -> None:
+    print(f"cg_fast setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _extensions() -> tuple[list, dict]:
+    """(ext_modules, cmdclass) for setup(): empty when the extension cannot be built here."""
+    if _flag("CG_FAST_NO_CSRC"):
+        _say("CG_FAST_NO_CSRC is set: building without the csrc operators")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as err:
+        if _flag("CG_FAST_REQUIRE_CSRC"):
+            raise
+        _say(f"torch is not importable at build time ({err}), e.g. in an isolated build: building the pure-Python "
+             "package without the csrc operators (cg_fast will use the PyTorch reference step kernels). To build "
+             "them, install torch first and then: pip install --no-build-isolation -e .")
+        return [], {}
+
+    optional = not _flag("CG_FAST_REQUIRE_CSRC")
+    exts = [
+        CppExtension(
+            "cg_fast._C",
+            ["csrc/ops.cpp", "csrc/cpu/step.cpp"],
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=LINK_FLAGS,
+            optional=optional,
+        )
+    ]
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if _flag("CG_FAST_NO_CUDA"):
+        _say("CG_FAST_NO_CUDA is set: building the CPU operators only")
+    elif torch.version.cuda is None:
+        _say(f"torch {torch.__version__} has no CUDA: building the CPU operators only")
+    elif not nvcc or not (os.path.exists(nvcc) or shutil.which("nvcc")):
+        _say("nvcc not found (set CUDA_HOME): building the CPU operators only")
+    else:
+        exts.append(
+            CUDAExtension(
+                "cg_fast._C_cuda",
+                ["csrc/cuda/step_cuda.cpp", "csrc/cuda/step.cu"],
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+                extra_link_args=LINK_FLAGS,
+                optional=optional,
+            )
+        )
+
+    class BuildCsrc(BuildExtension):
+        """torch's BuildExtension, saying which extension failed and what cg_fast does without it."""
+
+        def build_extensions(self):
+            try:  # torch checks the compiler (ABI, version) here, before building any extension
+                super().build_extensions()
+            except Exception as err:
+                if not all(ext.optional for ext in self.extensions):
+                    raise
+                _say(f"cannot build the csrc operators ({type(err).__name__}: {err}); continuing without them: "
+                     "cg_fast falls back to the PyTorch reference step kernels. Set CG_FAST_REQUIRE_CSRC=1 to make "
+                     "this an error.")
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # compile / link errors of an optional extension
+                if not ext.optional:
+                    raise
+                _say(f"building {ext.name} failed ({type(err).__name__}: {err}); continuing without it: cg_fast "
+                     "falls back to the PyTorch reference step kernels. Set CG_FAST_REQUIRE_CSRC=1 to make this "
+                     "an error.")
+
+    return exts, {"build_ext": BuildCsrc}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -30,9 +30,18 @@ CASES = [
 ]
 
 
+def _kernel_impls():
+    from cg_fast import kernels
+    impls = ["reference"]
+    if kernels.available("csrc", "cpu"):
+        impls.append("csrc")  # the CPU default: fused, and bitwise too (same op order, torch's exp)
+    return impls
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("guided", [False, True], ids=["unguided", "full-guidance"])
-def test_bitwise_equal_to_guided_diffusion(case, guided, tiny_eps, tiny_eps_learned, tiny_classifier):
+@pytest.mark.parametrize("impl", _kernel_impls())
+def test_bitwise_equal_to_guided_diffusion(case, guided, impl, tiny_eps, tiny_eps_learned, tiny_classifier):
     sched_name, steps, method, eta, learned, variance, clip, class_cond = case
     sched = NoiseSchedule.named(sched_name, 1000)
     model = tiny_eps_learned if learned else tiny_eps
@@ -45,7 +54,7 @@ def test_bitwise_equal_to_guided_diffusion(case, guided, tiny_eps, tiny_eps_lear
                     cond_fn=make_cond_fn(tiny_classifier, scale) if guided else None, method=method, eta=eta)
 
     sampler = Sampler(model, sched, steps, method, eta=eta, learn_sigma=learned, clip_denoised=clip,
-                      class_cond=class_cond, variance=variance, kernels="reference")
+                      class_cond=class_cond, variance=variance, kernels=impl)
     guid = ClassifierGuidance(tiny_classifier, scale, policy=Full(), cache="drop") if guided else None
     torch.manual_seed(1234)
     got = sampler.sample(SHAPE, y=y, guidance=guid)

@@ -18,6 +18,7 @@ import os
 import warnings
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .reference import GUIDE_KINDS, PREDICTIONS, ddim_step_ref, ddpm_step_ref
@@ -39,10 +40,11 @@ _INSTALL_HINT = {
 }
 _loaded: dict[str, tuple[Callable, Callable] | None] = {"reference": (ddpm_step_ref, ddim_step_ref)}
 _warned: set[str] = set()
+_device_check: dict[str, Callable] = {}
 
 
 def _load(name: str) -> tuple[Callable, Callable] | None:
-    """The (ddpm, ddim) pair of an implementation, or None when it cannot run here."""
+    """The (ddpm, ddim) pair of an implementation, or None when it cannot run in this process."""
     if name not in _loaded:
         mod_name, ddpm_name, ddim_name, avail_name = _MODULES[name]
         try:
@@ -51,14 +53,22 @@ def _load(name: str) -> tuple[Callable, Callable] | None:
         except ImportError:
             ok = False
         _loaded[name] = (getattr(mod, ddpm_name), getattr(mod, ddim_name)) if ok else None
+        if ok:
+            _device_check[name] = getattr(mod, avail_name)
     return _loaded[name]
 
 
-def available(name: str) -> bool:
-    """Whether implementation ``name`` can run in this process."""
+def available(name: str, device: str | torch.device | None = None) -> bool:
+    """Whether implementation ``name`` can run in this process (and on ``device``'s type, if given)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown kernel implementation {name!r}: use one of {IMPLEMENTATIONS}")
-    return _load(name) is not None
+    if _load(name) is None:
+        return False
+    if device is None or name == "reference":
+        return True
+    if name == "csrc":  # the CUDA operators are a separate extension (cg_fast._C_cuda)
+        return bool(_device_check[name](device))
+    return True
 
 
 def resolve(x: Tensor, impl: str | None = None) -> str:
@@ -68,16 +78,16 @@ def resolve(x: Tensor, impl: str | None = None) -> str:
         if forced not in IMPLEMENTATIONS:
             raise ValueError(f"unknown kernel implementation {forced!r} (from impl= or CG_FAST_KERNELS): "
                              f"use one of {IMPLEMENTATIONS} or 'auto'")
-        if not available(forced):
+        if not available(forced, x.device):
             raise RuntimeError(f"kernel implementation {forced!r} was requested but is not available: "
                                f"{_INSTALL_HINT.get(forced, '')}")
         return forced
     preferred = {"cuda": "triton", "cpu": "csrc"}.get(x.device.type)
     if preferred is None:
         return "reference"
-    if available(preferred):
+    if available(preferred, x.device):
         return preferred
-    if x.device.type == "cuda" and available("csrc"):
+    if x.device.type == "cuda" and available("csrc", x.device):
         return "csrc"
     if preferred not in _warned:
         _warned.add(preferred)
