@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import GUIDE_KINDS, PREDICTIONS
+from .reference import check_step_args
 from .table import NUM_COLS
 
 __all__ = ["available", "ddpm_step_csrc", "ddim_step_csrc", "load_error"]
@@ -96,19 +96,6 @@ if _C is not None and not getattr(_C, "_cg_fast_fakes_registered", False):
 
 
 # -- typed wrappers with the reference signature --------------------------------------------------------------------
-def _check_args(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
-                prediction: str) -> None:
-    """The reference's argument errors (ValueError, same order), raised before the op's own TORCH_CHECKs."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
-    if cfg_channels is not None and cfg_channels < 0:
-        raise ValueError(f"cfg_channels must be >= 0 or None (all channels), got {cfg_channels}")
-    if guide not in GUIDE_KINDS:
-        raise ValueError(f"unknown guide kind {guide!r}: use one of {GUIDE_KINDS}")
-    if guide == "none" and (fresh is not None or h is not None):
-        raise ValueError("guide='none' takes neither fresh guidance nor a cache state")
-
-
 def _out_like(x: Tensor, out: Tensor | None) -> Tensor:
     if out is not None:
         return out
@@ -138,7 +125,7 @@ def ddpm_step_csrc(
     ``cfg_channels`` channels only). ``h`` (reuse / momentum cache, spec §4) is updated in place; ``out`` may
     alias ``x``.
     """
-    _check_args(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction)
     out = _out_like(x, out)
     torch.ops.cg_fast.ddpm_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
                                 prediction=prediction, learned_var=learned_var, clip=clip,
@@ -166,7 +153,7 @@ def ddim_step_csrc(
     Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
     :func:`ddpm_step_csrc`; the variance channels of a learned-variance model are ignored, as in ADM.
     """
-    _check_args(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction)
     out = _out_like(x, out)
     torch.ops.cg_fast.ddim_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
                                 prediction=prediction, learned_var=learned_var, clip=clip,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .table import Col
 
-__all__ = ["ddpm_step_ref", "ddim_step_ref", "GUIDE_KINDS", "PREDICTIONS"]
+__all__ = ["ddpm_step_ref", "ddim_step_ref", "check_step_args", "GUIDE_KINDS", "PREDICTIONS"]
 
 GUIDE_KINDS = ("none", "classifier", "cfg")
 PREDICTIONS = ("eps", "x0", "v")
@@ -87,9 +87,10 @@ def _eps_from_x0(x: Tensor, x0: Tensor, coef: Tensor) -> Tensor:
     return (_col(coef, Col.SQRT_RECIP_AC, nd) * x - x0) / _col(coef, Col.SQRT_RECIPM1_AC, nd)
 
 
-def _check_kind(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
-                prediction: str) -> None:
-    """Validate everything before any state (h) is touched."""
+def check_step_args(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
+                    prediction: str) -> None:
+    """The argument errors every implementation raises (ValueError, in this order), before any state (h) is
+    touched."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
     if cfg_channels is not None and cfg_channels < 0:
@@ -121,7 +122,7 @@ def ddpm_step_ref(
     guide="cfg": ``model_out`` is the conditional output and ``fresh`` the unconditional one (or None).
     ``h`` (reuse/momentum cache) is updated in place. ``out`` may alias ``x``.
     """
-    _check_kind(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction)
     nd = x.dim()
     eps_or_o, v = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":
@@ -169,7 +170,7 @@ def ddim_step_ref(
     Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
     :func:`ddpm_step_ref`; variance channels of a learned-variance model are ignored, as in ADM.
     """
-    _check_kind(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction)
     nd = x.dim()
     eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":

@@ -54,7 +54,7 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import GUIDE_KINDS, PREDICTIONS
+from .reference import check_step_args
 from .table import NUM_COLS, Col
 
 try:  # triton is optional: without it this module imports and available() says False
@@ -278,16 +278,6 @@ if triton is not None:
 # -------------------------------------------------------------------------------------------------------------
 # Launchers
 # -------------------------------------------------------------------------------------------------------------
-def _check_kind(guide: str, fresh: Tensor | None, h: Tensor | None, prediction: str) -> None:
-    """The reference's argument errors, with its messages."""
-    if guide not in GUIDE_KINDS:
-        raise ValueError(f"unknown guide kind {guide!r}: use one of {GUIDE_KINDS}")
-    if guide == "none" and (fresh is not None or h is not None):
-        raise ValueError("guide='none' takes neither fresh guidance nor a cache state")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
-
-
 def _check_tensor(name: str, t: Tensor, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     """``t`` is a tensor on x's device with one of ``dtypes``."""
     if not isinstance(t, Tensor):
@@ -363,7 +353,7 @@ def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tens
             fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
             cfg_channels: int | None, out: Tensor | None) -> Tensor:
     """Validate, lay out as [B, n] / [B, k n], allocate, launch the family's kernel on a (B, blocks) grid."""
-    _check_kind(guide, fresh, h, prediction)
+    check_step_args(guide, fresh, h, cfg_channels if isinstance(cfg_channels, int) else None, prediction)
     _check_shapes(x, model_out, coef, noise, guide, fresh, h, learned_var, cfg_channels, out)
     _check_runnable(x)
     batch, n = x.shape[0], math.prod(x.shape[1:])
