@@ -41,6 +41,11 @@ class StepBuffers:
     t2: Tensor | None = None
     y2: Tensor | None = None
 
+    def draw_noise(self, generator: torch.Generator | None = None) -> None:
+        """The step's noise into ``z``: randn is empty().normal_(), so this is the same random stream as
+        guided-diffusion's one ``randn_like(x)`` per step."""
+        self.z.normal_(generator=generator)
+
 
 @dataclass
 class StepProgram:

@@ -339,10 +339,6 @@ class Sampler:
         runner, bufs = self._runner(backend, guidance, x, y, y2, rows[0], ts[0], None if ts2 is None else ts2[0],
                                     stateful, generator)
 
-        def draw_noise() -> None:
-            # one randn_like(x) per step; randn is empty().normal_(), so this is the same random stream
-            bufs.z.normal_(generator=generator)
-
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
         rows_per_pass = 2 * batch if cfg is not None else batch
         start = time.perf_counter()
@@ -355,7 +351,7 @@ class Sampler:
                 bufs.t.copy_(ts[j])
                 if ts2 is not None:
                     bufs.t2.copy_(ts2[j])
-                draw_noise()
+                bufs.draw_noise(generator)
             else:
                 bufs.coef, bufs.t = rows[j], ts[j]
                 bufs.t2 = None if ts2 is None else ts2[j]
@@ -436,9 +432,6 @@ class Sampler:
                     self._check_output(v, bufs.x, bufs.x.shape[0])
                     checked.add(name)
 
-        def draw_noise() -> None:  # eager: inside the body, where guided-diffusion draws it
-            bufs.z.normal_(generator=generator)
-
         kind = "none" if guidance is None else guidance.kind
         program = StepProgram(
             model=self._denoiser(backend, x.device), guide=kind, class_cond=self.class_cond,
@@ -448,7 +441,8 @@ class Sampler:
                          cfg_channels=cfg.channels if cfg is not None else None),
             classifier=classifier_grad if clf is not None else None,
             cfg_batched=cfg.batched if cfg is not None else True,
-            draw_noise=None if graphed else draw_noise, check_output=check_output)
+            # eager: the noise is drawn inside the body, where guided-diffusion draws it
+            draw_noise=None if graphed else (lambda: bufs.draw_noise(generator)), check_output=check_output)
         if not graphed:
             return EagerRunner(program, bufs), bufs
         runner = GraphRunner(program, bufs)

@@ -78,15 +78,6 @@ _ADM_COMMON = dict(
     use_scale_shift_norm=True,
     diffusion_steps=1000,
 )
-_CLASSIFIER_COMMON = dict(
-    classifier_width=128,
-    classifier_depth=2,
-    classifier_attention_resolutions="32,16,8",
-    classifier_use_scale_shift_norm=True,
-    classifier_resblock_updown=True,
-    classifier_pool="attention",
-    classifier_use_fp16=False,
-)
 
 
 def _adm(image_size: int, cond: bool, scale: float, **flags: Any) -> ModelSpec:
@@ -106,7 +97,7 @@ def _adm(image_size: int, cond: bool, scale: float, **flags: Any) -> ModelSpec:
 def _classifier(image_size: int, **flags: Any) -> ModelSpec:
     return ModelSpec(
         "adm-classifier",
-        {**_CLASSIFIER_COMMON, "image_size": image_size, **flags},
+        {"image_size": image_size, **flags},  # the rest: guided-diffusion defaults (adm.CLASSIFIER_DEFAULTS),
         description=f"guided-diffusion ImageNet {image_size}x{image_size} noisy classifier "
         f"({image_size}x{image_size}_classifier.pt)",
     )
