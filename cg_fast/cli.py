@@ -1,7 +1,9 @@
-"""Command line: ``cg-fast demo`` (the built-in default job) and ``cg-fast plan`` (inspect a policy).
+"""Command line: ``cg-fast demo`` (the built-in default job), ``cg-fast train-testbed`` and ``cg-fast plan``.
 
-    cg-fast demo                      policies compared on the exact Gaussian-mixture testbed (~30 s)
-    cg-fast demo --quick              a smaller run (fewer samples, one seed)
+    cg-fast demo                      policies compared on the trained digits testbed (~1.5 min)
+    cg-fast demo --quick              a smaller run (fewer samples and steps)
+    cg-fast demo --testbed gmm        policies compared on the exact Gaussian-mixture testbed (~30 s)
+    cg-fast train-testbed --out DIR   retrain the shipped testbed weights (digits networks, GMM classifier)
     cg-fast plan compress --rate 5 --k 5 --steps 250     which steps a policy guides, and m_j
 """
 from __future__ import annotations
@@ -13,23 +15,76 @@ from pathlib import Path
 
 from .policies import POLICY_NAMES, gaps, make_policy
 
-# Presets of the demo, documented one per line (what each option's default means).
+# Presets of the demos, documented one per line (what each option's default means).
 DEMO_PRESETS = {
-    "default": {"num_samples": 4000, "seeds": [0, 1, 2]},   # the table in the README
-    "quick": {"num_samples": 800, "seeds": [0]},            # smoke run, a few seconds
+    "default": {"num_samples": 4000, "seeds": [0, 1, 2]},   # GMM: the table in the README
+    "quick": {"num_samples": 800, "seeds": [0]},            # GMM: smoke run, a few seconds
+}
+DIGITS_PRESETS = {
+    "default": {"num_samples": 500, "steps": "250", "seeds": [0]},  # digits: the main job, ~1.5 min
+    "quick": {"num_samples": 100, "steps": "50", "seeds": [0]},     # digits: smoke run, a few seconds
 }
 
 
+def _path(value: str | None, default: str) -> Path | None:
+    """An output path option: None (not given) is the testbed's default, '' is none."""
+    value = default if value is None else value
+    return Path(value) if value else None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_table, run_demo
+    return _demo_gmm(args) if args.testbed == "gmm" else _demo_digits(args)
+
+
+def _demo_digits(args: argparse.Namespace) -> int:
+    from .demo import DigitsDemoConfig, format_digits_table, plot_digits_demo, run_digits_demo
+
+    preset = dict(DIGITS_PRESETS["quick" if args.quick else "default"])
+    for key, value in (("num_samples", args.samples), ("seeds", args.seeds), ("steps", args.steps)):
+        if value is not None:
+            preset[key] = value
+    scale = {} if args.scale is None else {"scale": args.scale}
+    cfg = DigitsDemoConfig(method=args.method, testbed=args.weights, **scale, **preset)
+    out = _path(args.out, "out/demo.json")
+    grids = out.parent if out is not None else None
+    print(f"cg_fast demo: trained digits testbed (8x8, 10 classes), unconditional UNet + noisy classifier at "
+          f"scale {cfg.scale}, {cfg.method} {cfg.steps} steps, {cfg.num_samples} samples x {len(cfg.seeds)} "
+          f"seed(s)", flush=True)
+    start = time.perf_counter()
+    samples: dict = {}
+    try:
+        results = run_digits_demo(cfg, out=out, grids=grids, progress=args.progress, keep_samples=samples)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished runs are in {out}" if out else "\ninterrupted", file=sys.stderr)
+        return 130
+    print()
+    print(format_digits_table(results))
+    print("\nFD: Fréchet distance to the 1,797 real digits in the judge's 64-d features (lower is better). "
+          "judge acc: accuracy on the intended labels of a classifier of the guide's architecture trained on "
+          "the other half of the data (off-sampling); MLP judge: another architecture; guide acc: the guiding "
+          f"classifier's own (on-sampling). Total {time.perf_counter() - start:.1f} s.")
+    if out:
+        print(f"results: {out}; sample grids (a column per class): {grids}/demo_*.png")
+    figure = _path(args.plot, "out/demo.png")
+    if figure is not None:
+        try:
+            print(f"figure: {plot_digits_demo(results, samples, figure)}")
+        except ImportError:
+            print("figure skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _demo_gmm(args: argparse.Namespace) -> int:
+    from .demo_gmm import DemoConfig, format_table, run_demo
 
     preset = dict(DEMO_PRESETS["quick" if args.quick else "default"])
     if args.samples is not None:
         preset["num_samples"] = args.samples
     if args.seeds is not None:
         preset["seeds"] = args.seeds
-    cfg = DemoConfig(steps=args.steps, method=args.method, scale=args.scale, **preset)
-    out = Path(args.out) if args.out else None
+    cfg = DemoConfig(steps=args.steps or "250", method=args.method,
+                     scale=1.0 if args.scale is None else args.scale, **preset)
+    out = _path(args.out, "out/demo_gmm.json")
     print(f"cg_fast demo: exact Gaussian-mixture testbed ({cfg.num_classes} classes, d={cfg.dim}), "
           f"{cfg.method} {cfg.steps} steps, classifier scale {cfg.scale}, {cfg.num_samples} samples x "
           f"{len(cfg.seeds)} seeds", flush=True)
@@ -46,12 +101,37 @@ def _demo(args: argparse.Namespace) -> int:
           f"noise floor (two exact sets). mean ± std over seeds {cfg.seeds}. Total {time.perf_counter() - start:.1f} s.")
     if out:
         print(f"results: {out}")
-    if args.plot:
+    figure = _path(args.plot, "out/demo_gmm.png")
+    if figure is not None:
         try:
-            from .demo import plot_demo
-            print(f"figure: {plot_demo(results, samples, Path(args.plot))}")
+            from .demo_gmm import plot_demo
+            print(f"figure: {plot_demo(results, samples, figure)}")
         except ImportError:
             print("figure skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _train_testbed(args: argparse.Namespace) -> int:
+    from .testbeds.digits_train import RECIPE, train_testbed
+    from .testbeds.gmm_trained import train_and_save_default
+
+    only = args.only or [*RECIPE, "gmm"]
+    unknown = [n for n in only if n not in RECIPE and n != "gmm"]
+    if unknown:
+        raise ValueError(f"unknown network(s) {unknown}: choose from {[*RECIPE, 'gmm']}")
+    out = Path(args.out)
+    start = time.perf_counter()
+    try:
+        digits = [n for n in only if n != "gmm"]
+        if digits:
+            train_testbed(out, only=digits, progress=args.progress)
+        if "gmm" in only:
+            print("training gmm: the Gaussian-mixture testbed's noisy classifier")
+            train_and_save_default(out, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; networks finished so far are in {out}", file=sys.stderr)
+        return 130
+    print(f"done in {time.perf_counter() - start:.0f} s: {out} (use it with `cg-fast demo --weights {out}`)")
     return 0
 
 
@@ -72,19 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="compare guidance policies on the exact Gaussian-mixture testbed")
-    d.add_argument("--quick", action="store_true", help="small run: 800 samples, one seed")
-    d.add_argument("--samples", type=int, default=None, help="samples per run (default 4000)")
-    d.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    d.add_argument("--steps", default="250", help="ADM respacing string (default '250')")
+    d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
+    d.add_argument("--testbed", default="digits", choices=["digits", "gmm"],
+                   help="digits (default): the shipped trained networks; gmm: the exact Gaussian mixture")
+    d.add_argument("--quick", action="store_true",
+                   help="small run (digits: 100 samples, 50 steps; gmm: 800 samples, one seed)")
+    d.add_argument("--samples", type=int, default=None, help="samples per run (default digits 500, gmm 4000)")
+    d.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default digits 0; gmm 0 1 2)")
+    d.add_argument("--steps", default=None, help="ADM respacing string (default '250')")
     d.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default ddpm)")
-    d.add_argument("--scale", type=float, default=1.0, help="classifier scale (default 1 = exact)")
-    d.add_argument("--out", default="out/demo.json",
-                   help="results JSON, written after every run; a rerun resumes (default out/demo.json; '' = none)")
+    d.add_argument("--scale", type=float, default=None,
+                   help="classifier scale (default digits 4.0; gmm 1 = exact)")
+    d.add_argument("--weights", default=None,
+                   help="digits: a folder written by `cg-fast train-testbed` (default: the shipped weights)")
+    d.add_argument("--out", default=None,
+                   help="results JSON, written after every run; a rerun resumes (default out/demo.json, gmm "
+                        "out/demo_gmm.json; '' = none). Digits sample grids go beside it")
     d.add_argument("--progress", action="store_true", help="progress bar per sampling run")
-    d.add_argument("--plot", default="out/demo.png",
-                   help="figure: quality vs cost and samples (default out/demo.png; '' = none; needs matplotlib)")
+    d.add_argument("--plot", default=None,
+                   help="figure: quality vs cost and samples (default out/demo.png, gmm out/demo_gmm.png; "
+                        "'' = none; needs matplotlib)")
     d.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train-testbed", help="retrain the shipped testbed weights (minutes on a CPU)")
+    tr.add_argument("--out", default="out/testbed",
+                    help="folder for digits_*.pt, digits.json, gmm_classifier.* (default out/testbed; the "
+                         "demo reads it with --weights)")
+    tr.add_argument("--only", nargs="+", default=None,
+                    help="train only these: cond uncond guide judge judge_mlp gmm (default: all)")
+    tr.add_argument("--progress", action="store_true", help="progress bar per network")
+    tr.set_defaults(func=_train_testbed)
 
     q = sub.add_parser("plan", help="print which steps a guidance policy guides")
     q.add_argument("policy", choices=[n for n in POLICY_NAMES if n != "interval"])

@@ -61,6 +61,8 @@ class StepProgram:
         draw_noise:   called inside the body where guided-diffusion draws the step noise (after the model
                       call); None when the caller fills ``z`` before the body (graph replay).
         check_output: called on the model output(s) the first time (shape checks, host-side only).
+        expose_guidance: also return the fresh guidance of a guided step as ``out["guidance"]``: the
+                      classifier gradient g_j, or the CFG direction eps_c - eps_u (guided channels only).
     """
 
     model: Callable[..., Tensor]
@@ -72,6 +74,7 @@ class StepProgram:
     cfg_batched: bool = True
     draw_noise: Callable[[], None] | None = None
     check_output: Callable[[Tensor, Tensor | None], None] | None = None
+    expose_guidance: bool = False
 
     def __call__(self, b: StepBuffers, guided: bool) -> dict[str, Tensor]:
         """Run the step in place on ``b``. Returns device tensors only (no host sync): ``ok_model`` and, at
@@ -103,6 +106,12 @@ class StepProgram:
             fresh, rec = self.classifier(b.x, b.t, b.y)
             out["log_prob"], out["correct"] = rec.log_prob, rec.correct
             out["ok_grad"] = torch.isfinite(fresh).all()
+        if self.expose_guidance and fresh is not None:
+            if self.guide == "cfg":  # the direction a = eps_c - eps_u on the guided channels (spec §6)
+                c = self.step_kw.get("cfg_channels") or b.x.shape[1]
+                out["guidance"] = o[:, :c] - fresh[:, :c]
+            else:
+                out["guidance"] = fresh.clone()
         self.step(b.x, o, b.coef, b.z, fresh=fresh, h=b.h, out=b.x, **self.step_kw)
         return out
 

@@ -294,7 +294,9 @@ class Sampler:
             noise:      the initial x (as guided-diffusion's ``noise=``); drawn when None.
             progress:   show a progress bar.
             off_classifier: overrides the sampler's independent classifier for this run (spec §7).
-            callback:   called after every step with {"j", "t", "x", "guided"}.
+            callback:   called after every step with {"j", "t", "x", "guided", "guidance"}; "guidance" is
+                        the step's fresh guidance (classifier gradient g_j, or the CFG direction
+                        eps_c - eps_u) at guided steps, else None (see cg_fast.eval.GuidanceTrace).
             device:     where to sample (default: the noise's, else the model's, else CPU).
         Returns:
             :class:`SampleOutput` with ``x`` (float32) and exact ``stats``.
@@ -337,7 +339,7 @@ class Sampler:
         else:
             x = torch.randn(shape, generator=generator, device=dev)
         runner, bufs = self._runner(backend, guidance, x, y, y2, rows[0], ts[0], None if ts2 is None else ts2[0],
-                                    stateful, generator)
+                                    stateful, generator, expose=callback is not None)
 
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
         rows_per_pass = 2 * batch if cfg is not None else batch
@@ -368,7 +370,7 @@ class Sampler:
                 stats.on_sampling[j] = ClassifierRecord(out["log_prob"], out["correct"])
             self._finite_flags(out, j, ts[j], immediate, bad)
             if callback is not None:
-                callback({"j": j, "t": ts[j], "x": bufs.x, "guided": guided})
+                callback({"j": j, "t": ts[j], "x": bufs.x, "guided": guided, "guidance": out.get("guidance")})
         if bad is not None and bool(bad.any()):
             j = int(bad.nonzero()[0])
             raise NonFiniteError(f"NaN or inf in a model output or classifier gradient at sampling step j={j} "
@@ -381,7 +383,8 @@ class Sampler:
 
     def _runner(self, backend: str, guidance: Guidance | None, x: Tensor, y: Tensor | None, y2: Tensor | None,
                 coef0: Tensor, t0: Tensor, t20: Tensor | None, stateful: bool,
-                generator: torch.Generator | None) -> tuple[EagerRunner | GraphRunner, StepBuffers]:
+                generator: torch.Generator | None,
+                expose: bool = False) -> tuple[EagerRunner | GraphRunner, StepBuffers]:
         """The step program and its buffers, holding ``x`` (and y, h) for this run.
 
         Eager: built per run. CUDA graphs: built once per (shape, guidance kind, models, options) and kept,
@@ -395,7 +398,7 @@ class Sampler:
                cfg.batched if cfg else None, cfg.channels if cfg else None,
                module_signature(clf.classifier) if clf else None, module_signature(self.model),
                self.method, self.prediction, self.learn_sigma, self.clip_denoised, self.class_cond,
-               kernels_mod.resolve(x, self.kernels), y is None) if graphed else None
+               kernels_mod.resolve(x, self.kernels), y is None, expose) if graphed else None
         if graphed and key in self._graph_cache:
             runner, bufs = self._graph_cache[key]
             bufs.x.copy_(x)
@@ -442,7 +445,8 @@ class Sampler:
             classifier=classifier_grad if clf is not None else None,
             cfg_batched=cfg.batched if cfg is not None else True,
             # eager: the noise is drawn inside the body, where guided-diffusion draws it
-            draw_noise=None if graphed else (lambda: bufs.draw_noise(generator)), check_output=check_output)
+            draw_noise=None if graphed else (lambda: bufs.draw_noise(generator)), check_output=check_output,
+            expose_guidance=expose)
         if not graphed:
             return EagerRunner(program, bufs), bufs
         runner = GraphRunner(program, bufs)

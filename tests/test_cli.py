@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 from cg_fast.cli import main
-from cg_fast.demo import DEMO_RUNS, DemoConfig, format_table, run_demo
+from cg_fast.demo_gmm import DEMO_RUNS, DemoConfig, format_table, run_demo
 
 
 def test_demo_quick_runs_and_writes_results(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "--quick", "--samples", "400", "--steps", "50", "--out", str(out)]) == 0
+    assert main(["demo", "--testbed", "gmm", "--quick", "--samples", "400", "--steps", "50", "--out", str(out),
+                 "--plot", ""]) == 0
     text = capsys.readouterr().out
     assert "compg k=1" in text and "exact p(x|y)" in text
     res = json.loads(out.read_text())
@@ -42,7 +43,7 @@ def test_plan_and_errors(capsys):
 def test_demo_figure(tmp_path):
     import pytest
     pytest.importorskip("matplotlib")
-    from cg_fast.demo import plot_demo
+    from cg_fast.demo_gmm import plot_demo
     samples: dict = {}
     cfg = DemoConfig(num_samples=160, steps="10", seeds=[0, 1])
     res = run_demo(cfg, runs={k: DEMO_RUNS[k] for k in ("full", "compg k=1", "unguided")}, log=lambda s: None,

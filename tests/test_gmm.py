@@ -8,7 +8,7 @@ import torch
 
 from cg_fast import ClassifierGuidance, NoiseSchedule, Sampler
 from cg_fast.guidance import Full
-from cg_fast.metrics import conditional_sliced_wasserstein, sliced_wasserstein
+from cg_fast.eval import conditional_sliced_wasserstein, sliced_wasserstein
 from cg_fast.testbeds import GaussianMixture
 
 SCHED = NoiseSchedule.linear(1000)
