@@ -90,6 +90,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -319,6 +320,7 @@ def plot(out: Path, results: dict, gmm: dict | None, samplers: dict, matched: di
                 ax.plot(*zip(*pts), "k--", lw=1, label="full guidance at N = grads (DDPM)")
                 ax.legend(fontsize=7)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("classifier gradients")
         ax.set_ylabel("FD per class (judge features), lower is better")
         ax.set_title(f"classifier guidance, {name} (best scale each)", fontsize=9)

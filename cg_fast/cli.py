@@ -59,7 +59,8 @@ def _demo_digits(args: argparse.Namespace) -> int:
         return 130
     print()
     print(format_digits_table(results))
-    print("\nFD: Fréchet distance to the 1,797 real digits in the judge's 64-d features (lower is better). "
+    print("\nFD: Fréchet distance to the 1,797 real digits in the judge's 64-d features (lower is better); per "
+          "class: the same within each class, averaged (it also sees digits of the wrong class). "
           "judge acc: accuracy on the intended labels of a classifier of the guide's architecture trained on "
           "the other half of the data (off-sampling); MLP judge: another architecture; guide acc: the guiding "
           f"classifier's own (on-sampling). Total {time.perf_counter() - start:.1f} s.")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", default=None, help="ADM respacing string (default '250')")
     d.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default ddpm)")
     d.add_argument("--scale", type=float, default=None,
-                   help="classifier scale (default digits 4.0; gmm 1 = exact)")
+                   help="classifier scale (default digits 16, full guidance's tuned scale; gmm 1 = exact)")
     d.add_argument("--weights", default=None,
                    help="digits: a folder written by `cg-fast train-testbed` (default: the shipped weights)")
     d.add_argument("--out", default=None,

@@ -11,7 +11,6 @@ The Gaussian-mixture demo, whose answer is exact, is ``cg-fast demo --testbed gm
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from .demo_gmm import _atomic_write_json, _mean_std
+from .demo_gmm import _atomic_write_json, _mean_std, resume
 from .eval.images import save_grid
-from .eval.npz import save_sample_batch
+from .eval.npz import from_uint8, load_sample_batch, save_sample_batch
 from .guidance import ClassifierGuidance, Compress, EarlyStop, Full, Policy, UniformSkip
 from .testbeds.digits import load_testbed
 
@@ -35,7 +34,8 @@ class DigitsDemoConfig:
     num_samples: int = 500      # per run; labels cycle 0..9 (equal class counts)
     steps: str = "250"          # ADM respacing of the 1000-step linear schedule
     method: str = "ddpm"        # ddpm | ddim
-    scale: float = 4.0          # classifier scale s, one for every policy (the study tunes it per policy)
+    scale: float = 16.0         # classifier scale s for every policy: full guidance's best at DDPM 250 in the
+                                # quality study (benchmarks/quality_study.py tunes it per policy)
     seeds: list[int] = field(default_factory=lambda: [0])
     testbed: str | None = None  # weights folder (cg-fast train-testbed --out); None: the shipped weights
 
@@ -69,18 +69,13 @@ def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | Non
     sampler = tb.sampler("uncond", cfg.steps, cfg.method)
     y = tb.labels(cfg.num_samples)
 
-    results: dict = {"config": asdict(cfg), "runs": {}}
-    if out is not None and out.exists():
-        try:
-            old = json.loads(out.read_text())
-            if old.get("config") == results["config"]:
-                results = old
-                log(f"resuming from {out}")
-        except (json.JSONDecodeError, OSError):
-            log(f"ignoring unreadable {out}")
+    results: dict = resume(out, asdict(cfg), log) or {"config": asdict(cfg), "runs": {}}
 
     for name, spec in runs.items():
         per_seed = results["runs"].setdefault(name, {})
+        saved = None if grids is None else grids / f"demo_{_slug(name)}.npz"
+        if keep_samples is not None and str(cfg.seeds[0]) in per_seed and saved is not None and saved.exists():
+            keep_samples[name] = from_uint8(load_sample_batch(saved)[0])  # a resumed run: its saved samples
         for seed in cfg.seeds:
             if str(seed) in per_seed:
                 continue
@@ -100,7 +95,7 @@ def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | Non
                     keep_samples[name] = res.x
                 if grids is not None:
                     save_grid(res.x[:100], grids / f"demo_{_slug(name)}.png", nrow=10, scale=4)
-                    save_sample_batch(grids / f"demo_{_slug(name)}.npz", res.x, y)  # ADM evaluator format
+                    save_sample_batch(saved, res.x, y)  # ADM evaluator format
             if out is not None:
                 _atomic_write_json(out, results)
         log(f"  {name}: done")
@@ -110,7 +105,7 @@ def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | Non
 def format_digits_table(results: dict) -> str:
     """A plain-text table: exact counts, wall time, quality (mean ± std over seeds where several)."""
     head = (f"{'policy':<13} {'guided':>6} {'denoiser':>8} {'clf grads':>9} {'time s':>7} {'FD (judge)':>14} "
-            f"{'judge acc':>14} {'MLP judge acc':>14} {'guide acc':>9}")
+            f"{'FD per class':>14} {'judge acc':>14} {'MLP judge acc':>14} {'guide acc':>9}")
     lines = [head, "-" * len(head)]
 
     def cell(rows: list[dict], key: str, fmt: str, width: int) -> str:
@@ -125,13 +120,15 @@ def format_digits_table(results: dict) -> str:
         r0 = rows[0]
         tm = statistics.fmean(r["wall_time"] for r in rows)
         lines.append(f"{name:<13} {r0['guided_steps']:>6} {r0['denoiser_passes']:>8} {r0['classifier_grads']:>9} "
-                     f"{tm:>7.2f} {cell(rows, 'fd', '.2f', 14)} {cell(rows, 'judge_acc', '.3f', 14)} "
+                     f"{tm:>7.2f} {cell(rows, 'fd', '.2f', 14)} {cell(rows, 'fd_class', '.2f', 14)} "
+                     f"{cell(rows, 'judge_acc', '.3f', 14)} "
                      f"{cell(rows, 'mlp_acc', '.3f', 14)} {cell(rows, 'guide_acc', '.3f', 9)}")
     return "\n".join(lines)
 
 
 def plot_digits_demo(results: dict, samples: dict, path: Path) -> Path:
-    """One figure: judge accuracy and FD against classifier gradients, and 10 samples per class per policy."""
+    """One figure: judge accuracy and FD per class against classifier gradients (top), and 10 samples per
+    class per policy (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,10 +136,12 @@ def plot_digits_demo(results: dict, samples: dict, path: Path) -> Path:
     from .eval.images import make_grid
 
     names = [n for n in results["runs"] if n in samples]
-    fig, axes = plt.subplots(1, 2 + len(names), figsize=(4.2 * 2 + 2.6 * len(names), 3.8),
-                             gridspec_kw={"width_ratios": [1.5, 1.5] + [1] * len(names)})
-    for ax, key, label in ((axes[0], "judge_acc", "judge accuracy (off-sampling, higher better)"),
-                           (axes[1], "fd", "Fréchet distance, judge features (lower better)")):
+    cols = max(2, len(names))
+    fig = plt.figure(figsize=(2.6 * cols, 6.6))
+    grid_spec = fig.add_gridspec(2, cols, height_ratios=[1.1, 1])
+    top = [fig.add_subplot(grid_spec[0, : cols // 2]), fig.add_subplot(grid_spec[0, cols // 2:])]
+    for ax, key, label in ((top[0], "judge_acc", "judge accuracy (off-sampling, higher is better)"),
+                           (top[1], "fd_class", "FD per class, judge features (lower is better)")):
         for name, per_seed in results["runs"].items():
             rows = list(per_seed.values())
             m, s = _mean_std([r[key] for r in rows])
@@ -151,10 +150,12 @@ def plot_digits_demo(results: dict, samples: dict, path: Path) -> Path:
                         fontsize=8)
         ax.set_xlabel("classifier gradients")
         ax.set_title(label, fontsize=9)
-    for ax, name in zip(axes[2:], names):
+    top[1].set_yscale("log")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid_spec[1, i])
         grid = make_grid(samples[name][:100].cpu().clamp(-1, 1), nrow=10)
         ax.imshow(grid[0].numpy(), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{name} (a column per class)", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()

@@ -66,6 +66,21 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def resume(out: Path | None, config: dict, log: Callable[[str], None]) -> dict | None:
+    """The results saved in ``out`` by an earlier run with the same ``config``, else None."""
+    if out is None or not out.exists():
+        return None
+    try:
+        old = json.loads(out.read_text())
+    except (json.JSONDecodeError, OSError):
+        log(f"ignoring unreadable {out}")
+        return None
+    if old.get("config") != config:
+        return None
+    log(f"resuming from {out}")
+    return old
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path | None = None,
              log: Callable[[str], None] = print, progress: bool = False,
              keep_samples: dict | None = None) -> dict:
@@ -83,15 +98,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
                       clip_denoised=False)
     clf = gmm.classifier(sched)
 
-    results: dict = {"config": asdict(cfg), "runs": {}, "reference": {}}
-    if out is not None and out.exists():
-        try:
-            old = json.loads(out.read_text())
-            if old.get("config") == results["config"]:
-                results = old
-                log(f"resuming from {out}")
-        except (json.JSONDecodeError, OSError):
-            log(f"ignoring unreadable {out}")
+    results: dict = resume(out, asdict(cfg), log) or {"config": asdict(cfg), "runs": {}, "reference": {}}
 
     # exact references per seed, and the noise floor (two independent exact sets)
     refs = {}

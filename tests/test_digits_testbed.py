@@ -160,3 +160,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert images.shape == (40, 8, 8, 1) and images.dtype.name == "uint8" and list(labels) == [i % 10 for i in range(40)]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_train_testbed_cli_rejects_unknown_networks(capsys):
+    assert main(["train-testbed", "--only", "vae", "--out", "unused"]) == 2
+    assert "unknown network" in capsys.readouterr().err

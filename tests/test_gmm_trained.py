@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,20 +24,12 @@ from cg_fast.testbeds.gmm_trained import (
     save_gmm_classifier,
     train_gmm_classifier,
 )
+from cg_fast.testbeds.gmm_trained import _one_thread as one_thread  # tiny tensors: threads only add syncs
 
 SCHED = NoiseSchedule.linear(1000)
 N_FRESH = 20_000  # per t; with the recorded n = 20 000 the 5-sigma bands below are a few 0.01 wide at most
 
 
-@contextmanager
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which stalls for seconds on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for method in list(qs.CG_METHODS) + list(qs.CFG_METHODS):
         assert f"| {method} |" in report, method
-        evaluated = [k for k in runs if k.split("|")[2] == method and k.split("|")[4] != str(qs.TUNE_SEED)]
+        evaluated = [k for k in runs if k.startswith("ddim25|") and k.split("|")[2] == method
+                     and k.split("|")[4] != str(qs.TUNE_SEED)]
         assert len({k.split("|")[3] for k in evaluated}) == 1  # one (the tuned) scale per method and sampler
         assert len(evaluated) == len(qs.QUICK["seeds"])
     (full,) = [v for k, v in runs.items() if k.startswith("ddim25|cg|full|") and k.endswith("|0")]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..schedules import NoiseSchedule
+from .digits import NETWORKS, load_testbed, read_meta, save_net, testbed_header, write_meta
 from .digits_data import DigitsData, load_digits_data
 from .digits_nets import DigitsClassifier, DigitsMLPJudge, DigitsUNet
 
@@ -101,18 +102,44 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="step")
 
 
+def _fit(model: nn.Module, spec: TrainSpec, batch_loss: Callable[[torch.Generator], Tensor], desc: str,
+         progress: bool, ema: nn.Module | None = None) -> dict:
+    """AdamW on ``batch_loss(gen)`` for ``spec.steps`` steps (warm-up + cosine learning rate), updating the
+    EMA copy ``ema`` after each step; returns {final_loss (mean of the last 200 steps), seconds}."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    model.train()
+    losses: list[float] = []
+    bar = _progress(spec.steps, progress, desc)
+    start = time.perf_counter()
+    for step in range(spec.steps):
+        loss = batch_loss(gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, spec.steps, spec.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():  # EMA of the weights (ADM keeps and samples with these)
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1.0 - spec.ema)
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    tail = losses[-200:]
+    return {"final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+
+
 def train_denoiser(model: DigitsUNet, x: Tensor, y: Tensor, schedule: NoiseSchedule, spec: TrainSpec,
                    progress: bool = False) -> tuple[DigitsUNet, dict]:
     """Train ``model`` (eps prediction) on images ``x`` [n, C, H, W] in [-1, 1]; returns the EMA copy (eval
     mode) and a log {final_loss (mean of the last 200 steps), seconds}."""
-    gen = torch.Generator().manual_seed(spec.seed)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    model.train()
-    losses: list[float] = []
-    bar = _progress(spec.steps, progress, "denoiser")
-    start = time.perf_counter()
-    for step in range(spec.steps):
+
+    def batch_loss(gen: torch.Generator) -> Tensor:
         idx = torch.randint(0, x.shape[0], (spec.batch,), generator=gen)
         xt, t, eps = _noisy(x[idx], schedule, gen)
         labels = None
@@ -120,52 +147,23 @@ def train_denoiser(model: DigitsUNet, x: Tensor, y: Tensor, schedule: NoiseSched
             labels = y[idx].clone()
             drop = torch.rand(spec.batch, generator=gen) < spec.p_uncond
             labels[drop] = model.num_classes  # the null label
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, spec.steps, spec.lr)
-        loss = F.mse_loss(model(xt, t, labels), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # EMA of the weights (ADM keeps and samples with these)
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - spec.ema)
-        losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    tail = losses[-200:]
-    return ema, {"final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+        return F.mse_loss(model(xt, t, labels), eps)
+
+    return ema, _fit(model, spec, batch_loss, "denoiser", progress, ema)
 
 
 def train_classifier(model: nn.Module, x: Tensor, y: Tensor, schedule: NoiseSchedule, spec: TrainSpec,
                      progress: bool = False) -> tuple[nn.Module, dict]:
     """Train a noisy classifier ``model(x_t, t)`` on (x, y); returns it in eval mode and a log."""
-    gen = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    model.train()
-    losses: list[float] = []
-    bar = _progress(spec.steps, progress, "classifier")
-    start = time.perf_counter()
-    for step in range(spec.steps):
+
+    def batch_loss(gen: torch.Generator) -> Tensor:
         idx = torch.randint(0, x.shape[0], (spec.batch,), generator=gen)
         x0 = _shift(x[idx], gen) if spec.augment else x[idx]
         xt, t, _ = _noisy(x0, schedule, gen)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, spec.steps, spec.lr)
-        loss = F.cross_entropy(model(xt, t), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    tail = losses[-200:]
-    return model.eval(), {"final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+        return F.cross_entropy(model(xt, t), y[idx])
+
+    info = _fit(model, spec, batch_loss, "classifier", progress)
+    return model.eval(), info
 
 
 @torch.no_grad()
@@ -203,10 +201,8 @@ def denoiser_loss(model: nn.Module, x: Tensor, y: Tensor | None, schedule: Noise
 def record_checks(root: Path, log: Callable[[str], None] = print) -> dict:
     """Measure what the tests check against (``checks`` in digits.json): every network's held-out metric
     at fixed seeds, and the judge's accuracy on 200 unguided DDIM-25 samples of the conditional UNet."""
-    from . import digits
-
     root = Path(root)
-    tb = digits.load_testbed(root)
+    tb = load_testbed(root)
     data = load_digits_data()
     schedule = tb.schedule
     checks: dict = {}
@@ -219,9 +215,9 @@ def record_checks(root: Path, log: Callable[[str], None] = print) -> dict:
     y = tb.labels(200)
     x = tb.sampler("cond", "ddim25", "ddim").sample(tb.shape(200), y=y, generator=torch.Generator().manual_seed(0)).x
     checks["cond"]["ddim25_judge_acc"] = tb.score(x, y)["judge_acc"]
-    meta = digits.read_meta(root / "digits.json")
+    meta = read_meta(root / "digits.json")
     meta["checks"] = checks
-    digits.write_meta(root / "digits.json", meta)
+    write_meta(root / "digits.json", meta)
     log(f"checks recorded in {root / 'digits.json'}: cond DDIM-25 samples, judge accuracy "
         f"{checks['cond']['ddim25_judge_acc']:.3f}")
     return checks
@@ -245,8 +241,6 @@ def train_testbed(out_dir: Path, recipe: dict[str, TrainSpec] | None = None, onl
     ``only``: train these names of the recipe (the others' entries in an existing digits.json are kept).
     Returns the metadata written to digits.json (recipe, training logs, held-out accuracies).
     """
-    from . import digits  # late: digits imports this module's names for its docs
-
     recipe = dict(RECIPE if recipe is None else recipe)
     names = list(recipe) if only is None else only
     unknown = [n for n in names if n not in recipe]
@@ -256,9 +250,9 @@ def train_testbed(out_dir: Path, recipe: dict[str, TrainSpec] | None = None, onl
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_digits_data()
     schedule = NoiseSchedule.linear(1000)
-    meta = digits.read_meta(out_dir / "digits.json") if (out_dir / "digits.json").exists() else {}
+    meta = read_meta(out_dir / "digits.json") if (out_dir / "digits.json").exists() else {}
     meta.setdefault("networks", {})
-    meta.update(digits.testbed_header())
+    meta.update(testbed_header())
     for name in names:
         spec = recipe[name]
         xs, ys = data.subset(spec.data)
@@ -274,11 +268,11 @@ def train_testbed(out_dir: Path, recipe: dict[str, TrainSpec] | None = None, onl
                 info["held_out"] = held_out
                 info["held_out_accuracy"] = classifier_accuracy(net, hx, hy, schedule)
         info["parameters"] = sum(p.numel() for p in net.parameters())
-        digits.save_net(net, out_dir / f"digits_{name}.pt")
+        save_net(net, out_dir / f"digits_{name}.pt")
         meta["networks"][name] = {"spec": asdict(spec), "config": asdict(net.config), **info}
-        digits.write_meta(out_dir / "digits.json", meta)  # after every network: nothing lost on interruption
+        write_meta(out_dir / "digits.json", meta)  # after every network: nothing lost on interruption
         log(f"  {name}: loss {info['final_loss']:.4f}, {info['seconds']:.0f} s"
             + (f", held-out accuracy {info['held_out_accuracy']}" if "held_out_accuracy" in info else ""))
-    if all((out_dir / f"digits_{n}.pt").exists() for n in digits.NETWORKS):
+    if all((out_dir / f"digits_{n}.pt").exists() for n in NETWORKS):
         meta["checks"] = record_checks(out_dir, log)
     return meta
