@@ -219,7 +219,8 @@ def _rows(results: dict, sampler: str, family: str, seeds: list[int]) -> dict[st
 
 
 METRICS = (("fd_class", "FD per class ↓", ".2f"), ("fd", "FD ↓", ".2f"), ("judge_acc", "judge acc ↑", ".3f"),
-           ("mlp_acc", "MLP judge acc ↑", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"))
+           ("mlp_acc", "MLP judge acc ↑", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+           ("mean_cosine", "cos(fresh_j, fresh_prev)", ".3f"))
 
 
 def _table(rows: dict[str, dict], title: str, batch: int, cost: str = "clf grads") -> list[str]:
@@ -230,7 +231,11 @@ def _table(rows: dict[str, dict], title: str, batch: int, cost: str = "clf grads
     for method, d in rows.items():
         cells = []
         for key, _, fmt in METRICS:
-            m, s = _ms([r[key] for r in d["rows"]])
+            values = [r[key] for r in d["rows"] if r.get(key) is not None]
+            if not values:  # no guidance, or a single guided step: no successive pair
+                cells.append("–")
+                continue
+            m, s = _ms(values)
             cells.append(f"{m:{fmt}} ± {s:{fmt}}")
         r0 = d["rows"][0]
         grads = r0["classifier_grads"] if cost == "clf grads" else f"{r0['denoiser_rows'] / batch:g}"
@@ -244,7 +249,8 @@ def write_report(out: Path, results: dict, gmm: dict | None, samplers: dict, mat
              f"Digits testbed, {num_samples} samples per run (labels 0-9 cycling), seeds {seeds} (mean ± std); "
              f"scale chosen per method on seed {TUNE_SEED} by FD per class. FD: Fréchet distance to the 1,797 "
              "real digits in the judge's 64-d features; judge: same architecture as the guide, other data "
-             "half; MLP judge: another architecture; precision/recall: k-NN manifolds, k = 3.", ""]
+             "half; MLP judge: another architecture; precision/recall: k-NN manifolds, k = 3; cos: mean cosine "
+             "similarity of successive fresh guidance (classifier gradients, or CFG directions eps_c - eps_u).", ""]
     unguided = {}
     for name in list(samplers) + list(matched):
         for fam in ("cg", "none"):
