@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .policies import POLICY_NAMES, gaps, make_policy
 
@@ -50,33 +51,19 @@ def _demo_digits(args: argparse.Namespace) -> int:
     print(f"cg_fast demo: trained digits testbed (8x8, 10 classes), unconditional UNet + noisy classifier at "
           f"scale {cfg.scale}, {cfg.method} {cfg.steps} steps, {cfg.num_samples} samples x {len(cfg.seeds)} "
           f"seed(s)", flush=True)
-    start = time.perf_counter()
-    samples: dict = {}
-    try:
-        results = run_digits_demo(cfg, out=out, grids=grids, progress=args.progress, keep_samples=samples)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs are in {out}" if out else "\ninterrupted", file=sys.stderr)
-        return 130
-    print()
-    print(format_digits_table(results))
-    print("\nFD: Fréchet distance to the 1,797 real digits in the judge's 64-d features (lower is better); per "
-          "class: the same within each class, averaged (it also sees digits of the wrong class). "
-          "judge acc: accuracy on the intended labels of a classifier of the guide's architecture trained on "
-          "the other half of the data (off-sampling); MLP judge: another architecture; guide acc: the guiding "
-          f"classifier's own (on-sampling). Total {time.perf_counter() - start:.1f} s.")
-    if out:
-        print(f"results: {out}; sample grids (a column per class): {grids}/demo_*.png")
-    figure = _path(args.plot, "out/demo.png")
-    if figure is not None:
-        try:
-            print(f"figure: {plot_digits_demo(results, samples, figure)}")
-        except ImportError:
-            print("figure skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-    return 0
+    legend = ("FD: Fréchet distance to the 1,797 real digits in the judge's 64-d features (lower is better); per "
+              "class: the same within each class, averaged (it also sees digits of the wrong class). judge acc: "
+              "accuracy on the intended labels of a classifier of the guide's architecture trained on the other "
+              "half of the data (off-sampling); MLP judge: another architecture; guide acc: the guiding "
+              "classifier's own (on-sampling).")
+    return _run_and_report(
+        lambda samples: run_digits_demo(cfg, out=out, grids=grids, progress=args.progress, keep_samples=samples),
+        format_digits_table, legend, out, _path(args.plot, "out/demo.png"), plot_digits_demo,
+        f"sample grids (a column per class): {grids}/demo_*.png" if grids else None)
 
 
 def _demo_gmm(args: argparse.Namespace) -> int:
-    from .demo_gmm import DemoConfig, format_table, run_demo
+    from .demo_gmm import DemoConfig, format_table, plot_demo, run_demo
 
     preset = dict(DEMO_PRESETS["quick" if args.quick else "default"])
     if args.samples is not None:
@@ -89,24 +76,30 @@ def _demo_gmm(args: argparse.Namespace) -> int:
     print(f"cg_fast demo: exact Gaussian-mixture testbed ({cfg.num_classes} classes, d={cfg.dim}), "
           f"{cfg.method} {cfg.steps} steps, classifier scale {cfg.scale}, {cfg.num_samples} samples x "
           f"{len(cfg.seeds)} seeds", flush=True)
+    legend = ("sliced W2: per-class sliced Wasserstein-2 to exact samples of p(x|y); the 'exact' row is the "
+              f"noise floor (two exact sets). mean ± std over seeds {cfg.seeds}.")
+    return _run_and_report(lambda samples: run_demo(cfg, out=out, progress=args.progress, keep_samples=samples),
+                           format_table, legend, out, _path(args.plot, "out/demo_gmm.png"), plot_demo)
+
+
+def _run_and_report(run: Callable[[dict], dict], table: Callable[[dict], str], legend: str, out: Path | None,
+                    figure: Path | None, plot: Callable[[dict, dict, Path], Path], extra: str | None = None) -> int:
+    """Run a demo (``run(samples) -> results``), then print its table, legend, outputs and figure."""
     start = time.perf_counter()
     samples: dict = {}
     try:
-        results = run_demo(cfg, out=out, progress=args.progress, keep_samples=samples)
+        results = run(samples)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {out}" if out else "\ninterrupted", file=sys.stderr)
         return 130
     print()
-    print(format_table(results))
-    print(f"\nsliced W2: per-class sliced Wasserstein-2 to exact samples of p(x|y); the 'exact' row is the "
-          f"noise floor (two exact sets). mean ± std over seeds {cfg.seeds}. Total {time.perf_counter() - start:.1f} s.")
+    print(table(results))
+    print(f"\n{legend} Total {time.perf_counter() - start:.1f} s.")
     if out:
-        print(f"results: {out}")
-    figure = _path(args.plot, "out/demo_gmm.png")
+        print(f"results: {out}" + (f"; {extra}" if extra else ""))
     if figure is not None:
         try:
-            from .demo_gmm import plot_demo
-            print(f"figure: {plot_demo(results, samples, figure)}")
+            print(f"figure: {plot(results, samples, figure)}")
         except ImportError:
             print("figure skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0

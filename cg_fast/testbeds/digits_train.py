@@ -166,18 +166,23 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, schedule: NoiseSche
     return model.eval(), info
 
 
+def _noised(x: Tensor, schedule: NoiseSchedule, timesteps: tuple[int, ...], seed: int):
+    """For each t: (t as a [n] long tensor, x_t, eps) with x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps, eps from
+    one generator seeded by ``seed`` (the same draws for every network evaluated)."""
+    gen = torch.Generator().manual_seed(seed)
+    ab = torch.from_numpy(schedule.alphas_cumprod).float()
+    for t in timesteps:
+        eps = torch.randn(x.shape, generator=gen)
+        yield torch.full((x.shape[0],), t, dtype=torch.long), ab[t].sqrt() * x + (1 - ab[t]).sqrt() * eps, eps
+
+
 @torch.no_grad()
 def classifier_accuracy(clf: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, schedule: NoiseSchedule,
                         timesteps: tuple[int, ...] = (0, 100, 250, 500, 750), seed: int = 0) -> dict[str, float]:
     """Accuracy of a noisy classifier on (x, y) noised to each timestep t (noise from ``seed``)."""
-    gen = torch.Generator().manual_seed(seed)
-    ab = torch.from_numpy(schedule.alphas_cumprod).float()
     out = {}
-    for t in timesteps:
-        eps = torch.randn(x.shape, generator=gen)
-        xt = ab[t].sqrt() * x + (1 - ab[t]).sqrt() * eps
-        logits = clf(xt, torch.full((x.shape[0],), t, dtype=torch.long))
-        out[str(t)] = float((logits.argmax(1) == y).float().mean())
+    for tt, xt, _ in _noised(x, schedule, timesteps, seed):
+        out[str(int(tt[0]))] = float((clf(xt, tt).argmax(1) == y).float().mean())
     return out
 
 
@@ -186,15 +191,10 @@ def denoiser_loss(model: nn.Module, x: Tensor, y: Tensor | None, schedule: Noise
                   timesteps: tuple[int, ...] = (10, 100, 250, 500, 750, 990), seed: int = 0) -> dict[str, float]:
     """The training objective ||eps - eps_theta(x_t, t, y)||^2 on (x, y) at fixed timesteps (noise from
     ``seed``); y = None for an unconditional model."""
-    gen = torch.Generator().manual_seed(seed)
-    ab = torch.from_numpy(schedule.alphas_cumprod).float()
     out = {}
-    for t in timesteps:
-        eps = torch.randn(x.shape, generator=gen)
-        xt = ab[t].sqrt() * x + (1 - ab[t]).sqrt() * eps
-        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+    for tt, xt, eps in _noised(x, schedule, timesteps, seed):
         pred = model(xt, tt, y) if y is not None else model(xt, tt)
-        out[str(t)] = float(F.mse_loss(pred, eps))
+        out[str(int(tt[0]))] = float(F.mse_loss(pred, eps))
     return out
 
 
