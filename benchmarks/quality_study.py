@@ -150,6 +150,21 @@ class Study:
                  f"judge {row['judge_acc']:.3f} grads {row['classifier_grads']}")
         return row
 
+    def real_floor(self, seeds: list[int]) -> dict:
+        """Scores of real digits, num_samples / 10 per class drawn (per seed) from the reference set itself:
+        what the metrics give at this sample size for perfect samples (an optimistic floor)."""
+        from cg_fast.testbeds.digits_data import load_digits_data
+
+        data, per = load_digits_data(), self.num_samples // 10
+        rows = []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.cat([(data.y == c).nonzero().flatten()[torch.randperm(int((data.y == c).sum()),
+                                                                             generator=gen)[:per]] for c in range(10)])
+            rows.append({**self.tb.score(data.x[idx], data.y[idx]), "classifier_grads": 0, "denoiser_rows": 0,
+                         "denoiser_passes": 1, "mean_cosine": None})
+        return {"scale": 0.0, "rows": rows}
+
     def tune(self, family: str, sampler: str, spec: tuple[str, str], method: str, mdef: tuple,
              ladder: list[float]) -> float:
         """Walk the scale ladder from its middle towards lower fd_class (tuning seed) until both neighbours
@@ -244,14 +259,14 @@ def _table(rows: dict[str, dict], title: str, batch: int, cost: str = "clf grads
 
 
 def write_report(out: Path, results: dict, gmm: dict | None, samplers: dict, matched: dict, seeds: list[int],
-                 num_samples: int) -> Path:
+                 num_samples: int, floor: dict | None = None) -> Path:
     lines = ["# Quality study: guidance policies at their own best scale and at matched budgets", "",
              f"Digits testbed, {num_samples} samples per run (labels 0-9 cycling), seeds {seeds} (mean ± std); "
              f"scale chosen per method on seed {TUNE_SEED} by FD per class. FD: Fréchet distance to the 1,797 "
              "real digits in the judge's 64-d features; judge: same architecture as the guide, other data "
              "half; MLP judge: another architecture; precision/recall: k-NN manifolds, k = 3; cos: mean cosine "
              "similarity of successive fresh guidance (classifier gradients, or CFG directions eps_c - eps_u).", ""]
-    unguided = {}
+    unguided = {} if floor is None else {"real digits (from the reference set: a floor)": floor}
     for name in list(samplers) + list(matched):
         for fam in ("cg", "none"):
             rows = _rows(results, name, fam, seeds)
@@ -399,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {study.path} (a rerun resumes)", file=sys.stderr)
         return 130
-    report = write_report(out, study.results, gmm, samplers, matched, seeds, n)
+    report = write_report(out, study.results, gmm, samplers, matched, seeds, n, study.real_floor(seeds))
     print(f"report: {report}")
     try:
         for path in plot(out, study.results, gmm, samplers, matched, seeds):
