@@ -18,6 +18,8 @@ into the per-step weights:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from .policies import gaps
@@ -40,6 +42,9 @@ def check_cache_args(cache: str, beta: float, decay: float) -> None:
     """Raise ``ValueError`` with what to fix for an unknown mode or out-of-range beta / decay."""
     if cache not in CACHE_MODES:
         raise ValueError(f"unknown cache mode {cache!r}: use one of {CACHE_MODES}")
+    for name, v in (("beta", beta), ("decay", decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta (momentum weight of the old state) must lie in [0, 1], got {beta!r}")
     if not decay >= 0.0:

@@ -6,10 +6,11 @@ policy from :mod:`cg_fast.policies`, re-exported here) and the *what in between*
 
     from cg_fast.guidance import Full, Compress, EarlyStop, UniformSkip, Interval
     ClassifierGuidance(classifier, scale=1.0, policy=Compress(rate=5, k=1, final=2), cache="compress")
-    CFG(scale=4.0, null_label=1000, policy=Compress(rate=5, k=1), cache="drop", channels=None)
+    CFG(scale=4.0, policy=Compress(rate=5, k=1), cache="drop")   # null label and channels: the model's
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,6 +111,20 @@ class ClassifierGuidance:
 
         ``check`` validates the logits' shape and the label range (a host sync: once per run suffices).
         """
+        if torch.is_inference_mode_enabled():
+            # autograd is off for good inside inference_mode; step out of it for this one backward pass,
+            # on copies (inference tensors cannot be recorded for backward)
+            with torch.inference_mode(False):
+                try:
+                    g, rec = self.gradient(x.clone(), t.clone(), y.clone(), check)
+                except RuntimeError as e:
+                    if "nference" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "classifier guidance needs autograd, and the classifier's parameters were created under "
+                        "torch.inference_mode(), which cannot be differentiated: build or load the classifier "
+                        "outside inference_mode, and sample under torch.no_grad() instead") from e
+            return g.clone(), rec
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             logits = self.classifier(x_in, t)
@@ -128,29 +143,43 @@ class CFG:
 
     Args:
         scale:      w (1 = conditional only).
-        null_label: the label of the unconditional pass (``num_classes`` for the public ADM/DiT models).
+        null_label: the label of the unconditional pass; None (default): the model's own
+                    (``cg_config.null_label``, ``num_classes`` for DiT), filled in by the Sampler.
         policy:     which steps run the unconditional pass (default: ``Compress(rate=5, k=1)``).
         cache:      drop (the authors' code) | compress | reuse | momentum.
-        channels:   apply CFG to the first ``channels`` channels only (DiT uses 3 of 4); None = all.
+        channels:   how many leading channels are guided: "auto" (default) = the model's convention (DiT's
+                    sample.py guides 3 of its 4 latent channels; other models all), "all" or None = every
+                    channel, or an int n (the first n).
         batched:    run the conditional and unconditional passes as one 2B batch (else two passes).
+        doubled_noise: draw each step's noise for the doubled 2B batch and use the first B rows, as DiT's
+                    sample.py and diffusers' DiTPipeline do, so that the same seed gives their samples
+                    (default False: one B-row draw per step, as guided-diffusion).
     """
 
     scale: float = 4.0
-    null_label: int = 1000
+    null_label: int | None = None
     policy: Policy = field(default_factory=Compress)
     cache: str = "drop"
     beta: float = 0.0
     decay: float = 1.0
-    channels: int | None = None
+    channels: int | str | None = "auto"
     batched: bool = True
+    doubled_noise: bool = False
     kind = "cfg"
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if isinstance(self.null_label, bool) or not isinstance(self.null_label, int) or self.null_label < 0:
-            raise ValueError(f"null_label must be a non-negative integer, got {self.null_label!r}")
-        if self.channels is not None and (not isinstance(self.channels, int) or self.channels < 1):
-            raise ValueError(f"channels must be a positive integer or None (all channels), got {self.channels!r}")
+        if self.null_label is not None and (isinstance(self.null_label, bool) or not isinstance(self.null_label, int)
+                                            or self.null_label < 0):
+            raise ValueError(f"null_label must be a non-negative integer or None (the model's), "
+                             f"got {self.null_label!r}")
+        ch = self.channels
+        if not (ch is None or ch in ("auto", "all") or (isinstance(ch, int) and not isinstance(ch, bool) and ch >= 1)):
+            raise ValueError(f"channels must be 'auto' (the model's convention), 'all', None (all) or a positive "
+                             f"integer, got {ch!r}")
+        for name in ("batched", "doubled_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def guide_scale(self) -> float:
@@ -165,6 +194,6 @@ def _check_common(g) -> None:
     if not isinstance(g.policy, Policy):
         raise TypeError(f"policy must be a cg_fast.guidance policy (Full(), Compress(...), ...), got "
                         f"{type(g.policy).__name__}")
-    if isinstance(g.scale, bool) or not isinstance(g.scale, (int, float)) or g.scale != g.scale:
+    if isinstance(g.scale, bool) or not isinstance(g.scale, (int, float)) or not math.isfinite(g.scale):
         raise ValueError(f"scale must be a finite number, got {g.scale!r}")
     check_cache_args(g.cache, g.beta, g.decay)

@@ -94,8 +94,9 @@ class Compress(Policy):
     def __post_init__(self) -> None:
         if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate < 1:
             raise ValueError(f"Compress rate must be an integer >= 1 (guide about 1 step in `rate`), got {self.rate!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
-            raise ValueError(f"Compress k must be a number > 0 (1 = uniform, >1 = packed early), got {self.k!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 < self.k < math.inf:
+            raise ValueError(f"Compress k must be a finite number > 0 (1 = uniform, >1 = packed early), "
+                             f"got {self.k!r}")
         _check_final(self.final)
 
     def mask(self, steps: Steps) -> list[bool]:
@@ -155,7 +156,8 @@ class Interval(Policy):
     name = "interval"
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.lo <= self.hi):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.lo, self.hi)) \
+                or not (0.0 <= self.lo <= self.hi) or math.isnan(self.hi):
             raise ValueError(f"Interval needs 0 <= lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
 
     def mask(self, steps: Steps) -> list[bool]:

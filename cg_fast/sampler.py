@@ -11,13 +11,20 @@ Data flow per step j (j = 0 is the noisiest step):
 With ``generator=None`` the random numbers are drawn exactly as guided-diffusion draws them (``randn(*shape)``
 for x_0, then one ``randn_like(x)`` per step, after the model call, the last one masked), so with full
 guidance ``torch.manual_seed(s)`` reproduces its samples on the CPU bit for bit.
+
+With ``Sampler(rng="counter")`` every random number of sample i is a function of its own seed alone
+(:mod:`cg_fast.kernels.rng`): x_T at the reserved step index, z_j computed inside the fused step kernel, so a
+sample does not depend on its batch, its position, a restart or the device.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,17 +32,31 @@ from . import backends
 from . import kernels as kernels_mod
 from .engine import EagerRunner, GraphRunner, StepBuffers, StepProgram, module_signature
 from .guidance import CFG, ClassifierGuidance, ClassifierRecord, classifier_log_prob
+from .guidance import _record as classifier_record
+from .kernels import rng as rng_mod
 from .kernels.table import NUM_COLS, VARIANCE_TYPES, Col, schedule_columns
+from .models.cg_config import CGConfig
 from .schedules import NoiseSchedule, SpacedSchedule
 
-__all__ = ["Sampler", "SampleOutput", "SamplingStats", "NonFiniteError", "METHODS"]
+__all__ = ["Sampler", "SampleOutput", "SamplingStats", "NonFiniteError", "ConfigOverrideWarning", "METHODS",
+           "RNG_MODES"]
 
 METHODS = ("ddpm", "ddim")
+RNG_MODES = ("torch", "counter")  # Sampler(rng=...): guided-diffusion's generator order, or counter-based
 Guidance = ClassifierGuidance | CFG
 
 
 class NonFiniteError(FloatingPointError):
     """NaN or inf in a model output or a classifier gradient; the message names the step."""
+
+
+class ConfigOverrideWarning(UserWarning):
+    """A sampler setting given by hand contradicts the model's ``cg_config`` (one warning per sampler)."""
+
+
+# the settings a Sampler takes from the model's config, and their values for a model without one
+_LEGACY_DEFAULTS: dict[str, Any] = dict(learn_sigma=False, clip_denoised=True, prediction="eps", class_cond=True,
+                                        variance="fixed_large", num_classes=None)
 
 
 @dataclass
@@ -82,17 +103,56 @@ class SampleOutput:
     stats: SamplingStats
 
 
-def _num_classes_of(model: Any) -> int | None:
+def model_config(model: Any) -> CGConfig | None:
+    """The model's :class:`~cg_fast.models.CGConfig` (``model.cg_config``), or None when it has none."""
     cfg = getattr(model, "cg_config", None)
-    for obj in (cfg, model):
-        k = getattr(obj, "num_classes", None)
-        if isinstance(k, int) and k > 0:
-            return k
-    return None
+    return cfg if isinstance(cfg, CGConfig) else None
+
+
+def _num_classes_of(model: Any) -> int | None:
+    k = getattr(model, "num_classes", None)
+    return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
+
+
+def _settings(cfg: CGConfig | None, given: dict[str, Any], model: Any) -> tuple[dict[str, Any], list[str]]:
+    """Each setting: given by hand, else the model config's, else the legacy default; and the contradictions."""
+    from_cfg = cfg.sampler_settings() if cfg is not None else {}
+    if from_cfg.get("num_classes") is None:
+        from_cfg["num_classes"] = _num_classes_of(model)
+    out, clashes = {}, []
+    for key, default in _LEGACY_DEFAULTS.items():
+        mine, theirs = given.get(key), from_cfg.get(key)
+        out[key] = mine if mine is not None else theirs if theirs is not None else default
+        if mine is not None and theirs is not None and mine != theirs and cfg is not None:
+            clashes.append(f"{key}={mine!r} (the config says {theirs!r})")
+    return out, clashes
+
+
+def _check_schedule(cfg: CGConfig, schedule: NoiseSchedule) -> str | None:
+    want = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
+    if schedule.num_steps == want.num_steps and np.allclose(schedule.betas, want.betas, rtol=1e-9, atol=0):
+        return None
+    return (f"a schedule of {schedule.num_steps} training steps that is not the config's {cfg.noise_schedule!r} "
+            f"over {cfg.diffusion_steps} (use Sampler.from_model, or "
+            f"NoiseSchedule.named({cfg.noise_schedule!r}, {cfg.diffusion_steps}))")
+
+
+def _check_number(name: str, value: Any, *, lo: float | None = None, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value) == int(value)
+    if not ok or not math.isfinite(float(value)) or (lo is not None and value < lo):
+        what = "an integer" if integer else "a finite number"
+        bound = f" >= {lo}" if lo is not None else ""
+        raise ValueError(f"{name} must be {what}{bound}, got {value!r}")
 
 
 class Sampler:
     """Guided diffusion sampler over a respaced schedule (ADM conventions).
+
+    The easy way in is :meth:`from_model`, which takes everything from the model's ``cg_config``. The
+    constructor does the same for every setting left at None; a setting given by hand that contradicts the
+    model's config is used, with one :class:`ConfigOverrideWarning`.
 
     Args:
         model:         ``model(x, t, y=None) -> Tensor``; t a long tensor [B] of ORIGINAL training timesteps.
@@ -105,18 +165,25 @@ class Sampler:
         prediction:    what the model predicts: "eps", "x0" or "v".
         class_cond:    pass y to the model; False for an unconditional model guided by a classifier.
         variance:      fixed variance when not learn_sigma: "fixed_large" (ADM default) or "fixed_small".
+        num_classes:   label range to validate y against.
+                       These six: None (default) = the model's ``cg_config``, else for a model without one
+                       learn_sigma=False, clip_denoised=True, prediction="eps", class_cond=True,
+                       variance="fixed_large", num_classes=the model's ``num_classes`` attribute if any.
         off_classifier: an independent classifier whose loss/accuracy is recorded every step (spec §7).
-        num_classes:   label range to validate y against (default: the model's ``num_classes`` if any).
         check_finite:  raise on NaN/inf in model outputs and gradients, naming the step. None (default):
                        every step on the CPU; on a GPU flags are kept on the device and checked once at
                        the end, so no step pays a host sync ("deferred" forces that mode). False: no check.
         kernels:       step-kernel implementation: "auto" (Triton on CUDA, csrc on CPU, else the reference),
                        "reference" (bitwise guided-diffusion on the CPU), "triton" or "csrc".
-        backend:       how the denoiser runs (cg_fast.backends): "auto" (CUDA: tensorrt if installed, else
-                       cudagraph; CPU: eager), "eager", "cudagraph" (whole steps replayed as CUDA graphs),
+        backend:       how the denoiser runs (cg_fast.backends): "auto" (CUDA: cudagraph; CPU: eager;
+                       TensorRT only when asked for), "eager", "cudagraph" (whole steps replayed as CUDA graphs),
                        "compile" (torch.compile), "onnx" (ONNX Runtime), "tensorrt". A requested backend
                        that cannot run raises with what to install; only "auto" falls back.
         backend_options: keyword options of the backend (e.g. {"mode": "max-autotune"} for compile).
+        rng:           where the noise comes from. "torch" (default): torch's generator in guided-diffusion's
+                       order (bitwise parity with it). "counter": per-sample seeds (``sample(seeds=...)``),
+                       noise computed in the step kernel from (seed, step, element) (cg_fast.kernels.rng),
+                       so samples do not depend on batch, position, restart or device.
     """
 
     def __init__(
@@ -127,43 +194,71 @@ class Sampler:
         method: str = "ddpm",
         *,
         eta: float = 0.0,
-        learn_sigma: bool = False,
-        clip_denoised: bool = True,
-        prediction: str = "eps",
-        class_cond: bool = True,
-        variance: str = "fixed_large",
+        learn_sigma: bool | None = None,
+        clip_denoised: bool | None = None,
+        prediction: str | None = None,
+        class_cond: bool | None = None,
+        variance: str | None = None,
         off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         num_classes: int | None = None,
         check_finite: bool | str | None = None,
         kernels: str = "auto",
         backend: str = "auto",
         backend_options: dict[str, Any] | None = None,
+        rng: str = "torch",
     ) -> None:
         if not callable(model):
             raise TypeError("model must be callable as model(x, t, y=None) -> Tensor")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError("schedule must be a cg_fast.NoiseSchedule (e.g. NoiseSchedule.linear(1000)), "
                             f"got {type(schedule).__name__}")
+        cfg = model_config(model)
+        if cfg is not None and not cfg.is_denoiser:
+            raise ValueError(f"{cfg.describe()} is a classifier, not a denoiser: sample from the diffusion model "
+                             "and pass the classifier as ClassifierGuidance(classifier, scale)")
+        if isinstance(steps, bool) or not isinstance(steps, (str, int, np.integer, list, tuple, range)):
+            raise TypeError(f"steps must be a respacing string ('250', 'ddim25', '10,15,20'), a positive int or "
+                            f"a list of section counts, got {steps!r}")
         if method not in METHODS:
             raise ValueError(f"unknown sampling method {method!r}: use one of {METHODS}")
-        if prediction not in kernels_mod.PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}: use one of {kernels_mod.PREDICTIONS}")
-        if variance not in VARIANCE_TYPES:
-            raise ValueError(f"unknown variance {variance!r}: use one of {VARIANCE_TYPES}")
+        _check_number("eta", eta, lo=0.0)
+        for name, flag in (("learn_sigma", learn_sigma), ("clip_denoised", clip_denoised),
+                           ("class_cond", class_cond)):
+            if flag is not None and not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True, False or None (the model's config), got {flag!r}")
+        if num_classes is not None:
+            _check_number("num_classes", num_classes, lo=1, integer=True)
+        given = dict(learn_sigma=learn_sigma, clip_denoised=clip_denoised, prediction=prediction,
+                     class_cond=class_cond, variance=variance, num_classes=num_classes)
+        settings, clashes = _settings(cfg, given, model)
+        if settings["prediction"] not in kernels_mod.PREDICTIONS:
+            raise ValueError(f"unknown prediction {settings['prediction']!r}: use one of {kernels_mod.PREDICTIONS}")
+        if settings["variance"] not in VARIANCE_TYPES:
+            raise ValueError(f"unknown variance {settings['variance']!r}: use one of {VARIANCE_TYPES}")
         if method == "ddpm" and eta != 0.0:
             raise ValueError("eta is a DDIM parameter: use method='ddim' or leave eta at 0.0")
+        if cfg is not None:
+            bad_schedule = _check_schedule(cfg, schedule)
+            if bad_schedule:
+                clashes.insert(0, bad_schedule)
+            if clashes:
+                warnings.warn(f"Sampler: settings given by hand contradict the config of {cfg.describe()}: "
+                              f"{'; '.join(clashes)}. They are used as given; leave them out (or use "
+                              "Sampler.from_model) to sample as the model's reference implementation does.",
+                              ConfigOverrideWarning, stacklevel=3)
         self.model = model
+        self.model_config = cfg
         self.base_schedule = schedule
         self.schedule: SpacedSchedule = schedule.respace(steps)
         self.method = method
         self.eta = float(eta)
-        self.learn_sigma = bool(learn_sigma)
-        self.clip_denoised = bool(clip_denoised)
-        self.prediction = prediction
-        self.class_cond = bool(class_cond)
-        self.variance = variance
+        self.learn_sigma = bool(settings["learn_sigma"])
+        self.clip_denoised = bool(settings["clip_denoised"])
+        self.prediction = settings["prediction"]
+        self.class_cond = bool(settings["class_cond"])
+        self.variance = settings["variance"]
         self.off_classifier = off_classifier
-        self.num_classes = num_classes if num_classes is not None else _num_classes_of(model)
+        self.num_classes = settings["num_classes"]
         if check_finite not in (None, True, False, "deferred"):
             raise ValueError(f"check_finite must be None (auto), True, False or 'deferred', got {check_finite!r}")
         self.check_finite = check_finite
@@ -175,7 +270,45 @@ class Sampler:
         self.backend_options = dict(backend_options or {})
         self._denoisers: dict[tuple[str, str], Callable[..., Tensor]] = {}
         self._graph_cache: dict[tuple, tuple[GraphRunner, StepBuffers]] = {}
-        self._columns = schedule_columns(self.schedule, variance=variance, eta=self.eta)
+        self._classifier_graphs: dict[tuple, Callable] = {}  # graphed classifier gradients (onnx/tensorrt/compile)
+        self._columns = schedule_columns(self.schedule, variance=self.variance, eta=self.eta)
+        if rng not in RNG_MODES:
+            raise ValueError(f"unknown rng {rng!r}: use one of {RNG_MODES}")
+        self.rng = rng
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Callable[..., Tensor],
+        steps: str | int | Sequence[int] | None = None,
+        method: str | None = None,
+        **overrides: Any,
+    ) -> "Sampler":
+        """A sampler that samples ``model`` as its reference implementation does, from ``model.cg_config``.
+
+        Schedule (``noise_schedule`` over ``diffusion_steps``), learned variance, prediction, class
+        conditioning, clipping, fixed variance and label range come from the config; so do the defaults of
+        ``steps`` (the published ``timestep_respacing``, else every training step) and ``method`` (guided-
+        diffusion's ``--use_ddim``). CFG's null label and guided channels follow the config at sampling time.
+        ``overrides`` are the constructor's keyword arguments (``schedule=`` too); one that contradicts the
+        config is used and warned about once (:class:`ConfigOverrideWarning`).
+
+            model = cg_fast.models.load_checkpoint("64x64_diffusion.pt")
+            sampler = Sampler.from_model(model, steps="ddim25", method="ddim")
+        """
+        cfg = model_config(model)
+        if cfg is None:
+            raise TypeError(
+                f"{type(model).__name__} has no cg_config, so Sampler.from_model cannot know how to sample it: "
+                "build it with cg_fast.models.create(name), cg_fast.models.load_checkpoint(path), "
+                "adm.create_unet(**parse_flags(flags).model) or dit.create(name), or use "
+                "Sampler(model, schedule, steps, method, learn_sigma=..., clip_denoised=..., ...) with its settings")
+        schedule = overrides.pop("schedule", None)
+        if schedule is None:
+            schedule = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
+        if steps is None:
+            steps = cfg.timestep_respacing or str(cfg.diffusion_steps)
+        return cls(model, schedule, steps, method if method is not None else cfg.method, **overrides)
 
     @property
     def num_steps(self) -> int:
@@ -212,6 +345,43 @@ class Sampler:
         return self._denoisers[key]
 
     # -- validation -----------------------------------------------------------------------------------------
+    def resolve_cfg(self, cfg: CFG) -> CFG:
+        """``cfg`` with its null label and guided channels filled in from the model (spec §6).
+
+        ``null_label=None`` takes the model's null label (DiT: ``num_classes``); ``channels="auto"`` takes the
+        model's convention (DiT's sample.py: the first 3 latent channels; other models: all channels).
+        """
+        mc = self.model_config
+        own_null = mc.null_label if mc is not None else getattr(self.model, "null_label", None)
+        if isinstance(own_null, bool) or not isinstance(own_null, int):
+            own_null = None
+        null = cfg.null_label
+        if null is None:
+            if own_null is None:
+                raise ValueError("CFG needs the label of the unconditional pass, and this model declares none "
+                                 "(no cg_config.null_label): pass CFG(..., null_label=N) for a model trained "
+                                 "with label dropout, N its null class")
+            null = own_null
+        elif own_null is not None and null != own_null:
+            if self.num_classes is not None and null > self.num_classes:
+                raise ValueError(f"CFG null_label={null} is out of range for {mc.describe() if mc else 'the model'}"
+                                 f" ({self.num_classes} classes, null label {own_null}): leave null_label out "
+                                 "to use the model's")
+            warnings.warn(f"CFG null_label={null} differs from the model's null label {own_null}",
+                          ConfigOverrideWarning, stacklevel=3)
+        elif own_null is None and mc is not None and self.num_classes is not None and null >= self.num_classes:
+            raise ValueError(f"{mc.describe()} has {self.num_classes} classes and no null label (it was not trained "
+                             "for classifier-free guidance; guided-diffusion's ADM models are not): use "
+                             "ClassifierGuidance, or a model with a null class")
+        channels = cfg.channels
+        if channels == "auto":
+            channels = mc.cfg_channels if mc is not None else None
+        elif channels == "all":
+            channels = None
+        if null == cfg.null_label and channels == cfg.channels:
+            return cfg
+        return replace(cfg, null_label=null, channels=channels)
+
     def _labels(self, y: Any, batch: int, guidance: Guidance | None, device: torch.device) -> Tensor | None:
         needs = self.class_cond or guidance is not None
         if y is None:
@@ -283,6 +453,7 @@ class Sampler:
         off_classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         device: Any = None,
+        seeds: Sequence[int] | Tensor | None = None,
     ) -> SampleOutput:
         """Draw samples of ``shape`` ([B, C, ...]) for labels ``y`` with optional guidance.
 
@@ -298,14 +469,22 @@ class Sampler:
                         the step's fresh guidance (classifier gradient g_j, or the CFG direction
                         eps_c - eps_u) at guided steps, else None (see cg_fast.eval.GuidanceTrace).
             device:     where to sample (default: the noise's, else the model's, else CPU).
+            seeds:      ``rng="counter"`` only: one seed per sample (uint64 values); sample i's noise depends
+                        on seeds[i] alone. For sample indices of a run seed S use
+                        ``cg_fast.kernels.rng.sample_seeds(S, indices)``. None: the seeds of samples 0..B-1
+                        of a run seed drawn from ``generator`` (or the global RNG).
         Returns:
             :class:`SampleOutput` with ``x`` (float32) and exact ``stats``.
         """
         if guidance is not None and not isinstance(guidance, (ClassifierGuidance, CFG)):
             raise TypeError(f"guidance must be ClassifierGuidance, CFG or None, got {type(guidance).__name__}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or any(s < 1 for s in shape):
-            raise ValueError(f"shape must be [B, C, ...] with positive sizes, got {shape}")
+        shape = _check_shape(shape)
+        if noise is not None:
+            noise = _as_noise(noise, shape)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if isinstance(guidance, CFG):
+            guidance = self.resolve_cfg(guidance)
         dev = self._device(noise, device)
         batch, n = shape[0], self.num_steps
         y = self._labels(y, batch, guidance, dev)
@@ -330,16 +509,18 @@ class Sampler:
         bad = torch.zeros(n, dtype=torch.bool, device=dev) if deferred else None
 
         # x at j = 0: ADM draws th.randn(*shape) unless noise is given.
+        sample_seeds = _counter_seeds(self.rng, seeds, batch, generator, dev)
         if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {shape}")
             x = noise.detach().to(device=dev, dtype=torch.float32).clone()
+        elif sample_seeds is not None:  # counter-based: x_T at the reserved step index (rng.py item 3)
+            x = rng_mod.counter_normal(sample_seeds, rng_mod.XT_STEP, shape)
         elif generator is None:
             x = torch.randn(*shape, device=dev)
         else:
             x = torch.randn(shape, generator=generator, device=dev)
         runner, bufs = self._runner(backend, guidance, x, y, y2, rows[0], ts[0], None if ts2 is None else ts2[0],
-                                    stateful, generator, expose=callback is not None)
+                                    stateful, generator, expose=callback is not None, seeds=sample_seeds)
+        step_js = torch.arange(n, device=dev) if sample_seeds is not None else None  # counter: j per step
 
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
         rows_per_pass = 2 * batch if cfg is not None else batch
@@ -353,10 +534,15 @@ class Sampler:
                 bufs.t.copy_(ts[j])
                 if ts2 is not None:
                     bufs.t2.copy_(ts2[j])
-                bufs.draw_noise(generator)
+                if step_js is None:
+                    bufs.draw_noise(generator)
+                else:
+                    bufs.step_index.copy_(step_js[j:j + 1])
             else:
                 bufs.coef, bufs.t = rows[j], ts[j]
                 bufs.t2 = None if ts2 is None else ts2[j]
+                if step_js is not None:
+                    bufs.step_index = step_js[j:j + 1]
             out = runner.run(guided)  # x_{j+1} and h, in place (spec §4-§6)
             # exact accounting
             if cfg is not None and guided:
@@ -384,7 +570,7 @@ class Sampler:
     def _runner(self, backend: str, guidance: Guidance | None, x: Tensor, y: Tensor | None, y2: Tensor | None,
                 coef0: Tensor, t0: Tensor, t20: Tensor | None, stateful: bool,
                 generator: torch.Generator | None,
-                expose: bool = False) -> tuple[EagerRunner | GraphRunner, StepBuffers]:
+                expose: bool = False, seeds: Tensor | None = None) -> tuple[EagerRunner | GraphRunner, StepBuffers]:
         """The step program and its buffers, holding ``x`` (and y, h) for this run.
 
         Eager: built per run. CUDA graphs: built once per (shape, guidance kind, models, options) and kept,
@@ -395,16 +581,16 @@ class Sampler:
         clf = guidance if isinstance(guidance, ClassifierGuidance) else None
         # everything the captured program depends on (per-step numbers live in the buffers, not here)
         key = (tuple(x.shape), str(x.device), guidance.kind if guidance is not None else "none", stateful,
-               cfg.batched if cfg else None, cfg.channels if cfg else None,
+               cfg.batched if cfg else None, cfg.channels if cfg else None, cfg.doubled_noise if cfg else None,
                module_signature(clf.classifier) if clf else None, module_signature(self.model),
                self.method, self.prediction, self.learn_sigma, self.clip_denoised, self.class_cond,
-               kernels_mod.resolve(x, self.kernels), y is None, expose) if graphed else None
+               kernels_mod.resolve(x, self.kernels), y is None, expose, seeds is None) if graphed else None
         if graphed and key in self._graph_cache:
             runner, bufs = self._graph_cache[key]
             bufs.x.copy_(x)
             if bufs.h is not None:
                 bufs.h.zero_()
-            for dst, src in ((bufs.y, y), (bufs.y2, y2)):
+            for dst, src in ((bufs.y, y), (bufs.y2, y2), (bufs.seeds, seeds)):
                 if dst is not None:
                     dst.copy_(src)
             # the label check ran in the first capture's warm-up, maybe for another guidance object
@@ -416,16 +602,23 @@ class Sampler:
                                  f"got label {int(y.max())}")
             return runner, bufs
 
-        bufs = StepBuffers(x=x, z=torch.empty_like(x), coef=coef0.clone(), t=t0.clone(),
+        bufs = StepBuffers(x=x, z=torch.empty_like(x) if seeds is None else None, coef=coef0.clone(), t=t0.clone(),
                            h=torch.zeros_like(x) if stateful else None,
                            y=y.clone() if graphed and y is not None else y,  # graphs own their buffers
-                           t2=None if t20 is None else t20.clone(), y2=y2)
+                           t2=None if t20 is None else t20.clone(), y2=y2,
+                           seeds=None if seeds is None else seeds.clone(),
+                           step_index=None if seeds is None else torch.zeros(1, dtype=torch.int64, device=x.device),
+                           double_noise=bool(cfg is not None and cfg.doubled_noise))
         first_grad = [True]
+        grad_graph = backends.classifier_graph(clf.classifier, backend, x.device, self._classifier_graphs,
+                                               module_signature(clf.classifier)) if clf is not None else None
 
         def classifier_grad(xx: Tensor, tt: Tensor, yy: Tensor):
-            out = clf.gradient(xx, tt, yy, check=first_grad[0])  # label/shape check once (a host sync)
-            first_grad[0] = False
-            return out
+            check, first_grad[0] = first_grad[0], False
+            if grad_graph is None or check:
+                return clf.gradient(xx, tt, yy, check=check)  # label/shape check once (a host sync)
+            g, logits = grad_graph(xx, tt, yy)  # onnx / tensorrt / compile on CUDA: replayed from a graph
+            return g, classifier_record(logits, yy)
 
         checked: set[str] = set()
 
@@ -445,7 +638,8 @@ class Sampler:
             classifier=classifier_grad if clf is not None else None,
             cfg_batched=cfg.batched if cfg is not None else True,
             # eager: the noise is drawn inside the body, where guided-diffusion draws it
-            draw_noise=None if graphed else (lambda: bufs.draw_noise(generator)), check_output=check_output,
+            draw_noise=None if graphed or seeds is not None else (lambda: bufs.draw_noise(generator)),
+            check_output=check_output,
             expose_guidance=expose)
         if not graphed:
             return EagerRunner(program, bufs), bufs
@@ -465,9 +659,49 @@ class Sampler:
             bad[j] = ~ok
 
 
+def _counter_seeds(mode: str, seeds: Sequence[int] | Tensor | None, batch: int,
+                   generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+    """The per-sample seeds of a ``rng="counter"`` run (int64 [B] on ``device``), None for ``rng="torch"``.
+
+    Without ``seeds``: the seeds of samples 0..B-1 of a run seed drawn from ``generator`` (or the global RNG),
+    so ``torch.manual_seed`` still fixes a counter-based run.
+    """
+    if mode != "counter":
+        if seeds is not None:
+            raise ValueError("seeds= needs counter-based noise: Sampler(..., rng='counter')")
+        return None
+    if seeds is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        run_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
+        return rng_mod.sample_seeds(run_seed, batch).to(device)
+    return rng_mod.as_seeds(seeds, batch, device)
+
+
 def _progress(it: range, enabled: bool, desc: str):
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=f"{desc} sampling", unit="step")
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (torch.Size, tuple, list)) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shape):
+        out = tuple(int(v) for v in shape)
+        if len(out) >= 2 and all(v >= 1 for v in out):
+            return out
+    raise ValueError(f"shape must be [B, C, ...]: a tuple of at least two positive integers, got {shape!r}")
+
+
+def _as_noise(noise: Any, shape: tuple[int, ...]) -> Tensor:
+    if isinstance(noise, np.ndarray):
+        noise = torch.from_numpy(noise)
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a torch.Tensor (or a numpy array) of shape {shape}, "
+                        f"got {type(noise).__name__}")
+    if not noise.dtype.is_floating_point:
+        raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {shape}")
+    return noise

@@ -125,9 +125,15 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             raise ValueError(
                 f"bad respacing {section_counts!r}: use a step count like '250', sections like '10,15,20', "
                 "or 'ddim25'") from None
+    elif isinstance(section_counts, bool) or (not isinstance(section_counts, (int, np.integer))
+                                               and any(isinstance(c, bool) for c in section_counts)):
+        raise TypeError(f"respacing must be a step count, a list of section counts or a string like '250', "
+                        f"got {section_counts!r}")
     elif isinstance(section_counts, (int, np.integer)):
         counts = [int(section_counts)]
     else:
+        if any(not isinstance(c, (int, np.integer)) for c in section_counts):
+            raise TypeError(f"respacing section counts must be integers, got {section_counts!r}")
         counts = [int(c) for c in section_counts]
     if not counts or any(c < 1 for c in counts):
         raise ValueError(f"respacing section counts must be positive integers, got {section_counts!r}")

@@ -33,8 +33,11 @@ def test_parse_readme_command():
     assert f.model["attention_resolutions"] == "32,16,8" and f.model["learn_sigma"] is True
     assert f.diffusion == {"diffusion_steps": 1000, "learn_sigma": True, "noise_schedule": "cosine",
                            "timestep_respacing": "250"}
-    assert f.classifier == {"classifier_depth": 4, "image_size": 64}
-    assert f.other == {"classifier_scale": 1.0, "classifier_path": "models/64x64_classifier.pt",
+    # .model carries the diffusion flags too, so a model built from it samples with the cosine schedule
+    assert {k: f.model[k] for k in f.diffusion} == f.diffusion
+    assert f.classifier == {"classifier_depth": 4, "image_size": 64, "classifier_scale": 1.0,
+                            "diffusion_steps": 1000, "noise_schedule": "cosine"}
+    assert f.other == {"classifier_path": "models/64x64_classifier.pt",
                        "model_path": "models/64x64_diffusion.pt", "batch_size": 4, "num_samples": 100}
 
 
@@ -56,7 +59,10 @@ def test_flag_syntax_and_values():
     f = adm.parse_flags(["--image_size=128", "--class_cond", "yes", "--use-fp16", "0", "--channel_mult", "1,2,2"])
     assert f.model == {"image_size": 128, "class_cond": True, "use_fp16": False, "channel_mult": "1,2,2"}
     assert f.classifier == {"image_size": 128}
-    assert adm.parse_flags("--unknown_flag 3").other == {"unknown_flag": "3"}
+    with pytest.raises(ValueError, match="unknown flag --unknown_flag"):
+        adm.parse_flags("--unknown_flag 3")
+    with pytest.raises(ValueError, match="did you mean --num_channels"):
+        adm.parse_flags("--num_chanels 64")
     with pytest.raises(ValueError, match="boolean"):
         adm.parse_flags("--class_cond maybe")
     with pytest.raises(ValueError, match="has no value"):

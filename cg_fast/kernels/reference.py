@@ -11,15 +11,20 @@ Notation (spec §2, §4-§6), per batch row, ``coef`` columns named by :class:`~
     h        cache state (reuse / momentum), in place    a      applied guidance = H_DECAY * h + G_WEIGHT * g
     s        GUIDE_S: classifier scale s, or w - 1 for CFG
 Memory traffic of one DDPM step (fp32, n elements): read x, o (1x or 2x), z, [g], [h]; write x', [h].
+
+Noise ``z``: a tensor like x (``noise=``), or counter-based (``noise=None, seeds=, step_index=``): z is then
+:func:`cg_fast.kernels.rng.counter_normal` of the rows' seeds at step ``step_index`` (the counter layout of
+:mod:`cg_fast.kernels.rng`), which the fused kernels compute in-kernel instead of reading it.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .rng import counter_normal
 from .table import Col
 
-__all__ = ["ddpm_step_ref", "ddim_step_ref", "check_step_args", "GUIDE_KINDS", "PREDICTIONS"]
+__all__ = ["ddpm_step_ref", "ddim_step_ref", "check_step_args", "check_noise_args", "GUIDE_KINDS", "PREDICTIONS"]
 
 GUIDE_KINDS = ("none", "classifier", "cfg")
 PREDICTIONS = ("eps", "x0", "v")
@@ -88,9 +93,12 @@ def _eps_from_x0(x: Tensor, x0: Tensor, coef: Tensor) -> Tensor:
 
 
 def check_step_args(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
-                    prediction: str) -> None:
+                    prediction: str, x: Tensor | None = None, model_out: Tensor | None = None) -> None:
     """The argument errors every implementation raises (ValueError, in this order), before any state (h) is
-    touched."""
+    touched. ``x`` / ``model_out``: their batch sizes must agree (shapes only: no host sync)."""
+    if x is not None and model_out is not None and model_out.shape[0] != x.shape[0]:
+        raise ValueError(f"model output has batch {model_out.shape[0]} but x has batch {x.shape[0]}: the model "
+                         "must return one row per input row")
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
     if cfg_channels is not None and cfg_channels < 0:
@@ -101,11 +109,47 @@ def check_step_args(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_chan
         raise ValueError("guide='none' takes neither fresh guidance nor a cache state")
 
 
+def check_noise_args(x: Tensor, noise: Tensor | None, seeds: Tensor | None,
+                     step_index: int | Tensor | None) -> None:
+    """Either a noise tensor or counter-based noise (``seeds`` int64 [B] and ``step_index``, an int or an integer
+    tensor of 1 or B values, on x's device): the errors every implementation raises (ValueError / TypeError)."""
+    if noise is not None:
+        if seeds is not None or step_index is not None:
+            raise ValueError("pass either noise or (seeds, step_index) for counter-based noise, not both")
+        return
+    if seeds is None or step_index is None:
+        raise ValueError("noise is None: counter-based noise needs seeds (int64 [B]) and step_index")
+    if not isinstance(seeds, Tensor) or seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {getattr(seeds, 'dtype', type(seeds).__name__)}")
+    batch = x.shape[0] if x.dim() else 0
+    if seeds.dim() != 1 or seeds.shape[0] != batch:
+        raise ValueError(f"seeds must have shape [{batch}] (one per batch row), got {tuple(seeds.shape)}")
+    if seeds.device != x.device:
+        raise ValueError(f"seeds is on {seeds.device} but x is on {x.device}")
+    if isinstance(step_index, Tensor):
+        if step_index.dtype.is_floating_point or step_index.dtype.is_complex or step_index.dtype == torch.bool:
+            raise TypeError(f"step_index must be an integer tensor, got dtype {step_index.dtype}")
+        if step_index.numel() not in (1, batch):
+            raise ValueError(f"step_index must hold 1 or {batch} (one per row) values, got {step_index.numel()}")
+        if step_index.device != x.device:
+            raise ValueError(f"step_index is on {step_index.device} but x is on {x.device}")
+    elif isinstance(step_index, bool) or not isinstance(step_index, int):
+        raise TypeError(f"step_index must be an int or an integer tensor, got {type(step_index).__name__}")
+
+
+def _noise(x: Tensor, noise: Tensor | None, seeds: Tensor | None, step_index: int | Tensor | None) -> Tensor:
+    """The step's z: the given tensor, or the counter-based normals of rng.py's layout."""
+    check_noise_args(x, noise, seeds, step_index)
+    if noise is not None:
+        return noise
+    return counter_normal(seeds, step_index, x.shape)
+
+
 def ddpm_step_ref(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -115,14 +159,18 @@ def ddpm_step_ref(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One DDPM ancestral step (ADM ``p_sample`` + ``condition_mean``; spec §5), returns x_{t-1}.
 
     guide="classifier": ``fresh`` is the classifier gradient g at x_t (or None at a skipped step);
     guide="cfg": ``model_out`` is the conditional output and ``fresh`` the unconditional one (or None).
-    ``h`` (reuse/momentum cache) is updated in place. ``out`` may alias ``x``.
+    ``h`` (reuse/momentum cache) is updated in place. ``out`` may alias ``x``. ``noise=None`` with ``seeds``
+    (int64 [B]) and ``step_index`` (int, or 1 or B integers): counter-based z (:mod:`cg_fast.kernels.rng`).
     """
-    check_step_args(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction, x, model_out)
+    noise = _noise(x, noise, seeds, step_index)
     nd = x.dim()
     eps_or_o, v = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":
@@ -154,7 +202,7 @@ def ddim_step_ref(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -164,13 +212,16 @@ def ddim_step_ref(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One DDIM step (ADM ``ddim_sample`` + ``condition_score``; spec §5), returns x_{t-1}.
 
     Classifier guidance shifts the score: ``eps' = eps - sqrt(1 - alpha_bar) * s * a``. Arguments as
     :func:`ddpm_step_ref`; variance channels of a learned-variance model are ignored, as in ADM.
     """
-    check_step_args(guide, fresh, h, cfg_channels, prediction)
+    check_step_args(guide, fresh, h, cfg_channels, prediction, x, model_out)
+    noise = _noise(x, noise, seeds, step_index)
     nd = x.dim()
     eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":

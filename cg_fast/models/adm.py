@@ -1,15 +1,17 @@
 """Build ADM models from guided-diffusion's own command-line flags.
 
-    MODEL_FLAGS = "--attention_resolutions 32,16,8 --class_cond True --image_size 64 --learn_sigma True ..."
-    flags = parse_flags(MODEL_FLAGS)            # .model, .classifier, .diffusion, .other
-    unet = create_unet(**flags.model)           # or create_unet(image_size=64, num_channels=192, ...)
-    classifier = create_classifier(**flags.classifier)
+    FLAGS = "--attention_resolutions 32,16,8 --class_cond True --image_size 64 --learn_sigma True ..."
+    unet = create_unet(**parse_flags(FLAGS).model)   # or create_unet(image_size=64, num_channels=192, ...)
+    classifier = create_classifier(**parse_flags(FLAGS).classifier)
+    sampler = cg_fast.Sampler.from_model(unet)       # schedule, steps, variance, clipping from the flags
 
 Flag names, defaults and derived values (channel_mult by image size, attention resolutions given as pixel
 resolutions, 1000 ImageNet classes, out_channels 6 with learn_sigma) are those of guided-diffusion's
-`script_util`. `create_unet` / `create_classifier` accept every guided-diffusion flag, so a whole flag dict can
-be passed: flags that do not shape the network (diffusion and sampling flags, the other network's flags) are
-ignored, except that `noise_schedule` / `diffusion_steps` / `timestep_respacing` go into `model.cg_config`.
+`script_util`. `parse_flags(...).model` holds the network flags *and* the diffusion and sampling flags that
+decide how the model must be sampled (`noise_schedule`, `diffusion_steps`, `predict_xstart`,
+`timestep_respacing`, `clip_denoised`, `use_ddim`), so the model built from it carries them in
+`model.cg_config` and `Sampler.from_model` uses them. `create_unet` / `create_classifier` accept every
+guided-diffusion flag, so a whole flag dict can be passed; an unknown flag is an error with a did-you-mean.
 `use_checkpoint` (gradient checkpointing) is accepted and has no effect: these models are for inference.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from .adm_unet import EncoderUNetModel, UNetModel
-from .configs import CGConfig
+from .cg_config import CGConfig
 
 __all__ = [
     "MODEL_DEFAULTS",
@@ -128,13 +130,20 @@ def _convert(name: str, value: str) -> Any:
     return value
 
 
+# diffusion / sampling flags that decide how a network must be sampled: they go into its cg_config
+_SAMPLING_OF_MODEL = ("clip_denoised", "use_ddim")
+_SAMPLING_OF_CLASSIFIER = ("classifier_scale",)
+
+
 @dataclass
 class ParsedFlags:
     """A guided-diffusion flag string split by what each flag configures (only the flags given).
 
-    `model` and `classifier` can be passed as they are to `create_unet` / `create_classifier` (both include
-    `image_size` when given); `learn_sigma` appears in `model` and in `diffusion`; `other` holds sampling flags
-    (converted to their types) and flags guided-diffusion does not know (kept as strings).
+    `model` and `classifier` can be passed as they are to `create_unet` / `create_classifier`: `model` holds
+    the UNet flags plus the diffusion flags and `clip_denoised` / `use_ddim` (how the UNet is sampled);
+    `classifier` holds the classifier flags plus `noise_schedule` / `diffusion_steps` and `classifier_scale`.
+    `diffusion` holds the diffusion flags alone; `other` the remaining sampling-script flags (paths, counts).
+    Unknown flags are refused by `parse_flags`, so nothing given is ever dropped.
     """
 
     model: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +156,7 @@ def parse_flags(flags: str | Sequence[str]) -> ParsedFlags:
     """Parse "--image_size 64 --num_channels 192 --class_cond True ..." (also "--flag=value").
 
     Values are converted with the type of guided-diffusion's default (booleans accept True/False/yes/no/1/0).
+    A flag guided-diffusion does not know raises ValueError naming the closest valid flag.
     """
     tokens = shlex.split(flags) if isinstance(flags, str) else list(flags)
     out = ParsedFlags()
@@ -163,23 +173,28 @@ def parse_flags(flags: str | Sequence[str]) -> ParsedFlags:
             i += 1
         i += 1
         name = name.replace("-", "_")
+        if name not in _ALL_DEFAULTS:
+            raise ValueError(f"parse_flags: unknown flag --{name}{_did_you_mean(name, _ALL_DEFAULTS)}; "
+                             f"guided-diffusion's flags are: {', '.join(sorted(_ALL_DEFAULTS))}")
         try:
             converted = _convert(name, value)
         except ValueError as e:
             raise ValueError(f"parse_flags: bad value for --{name}: {e}") from None
-        placed = False
-        if name in MODEL_DEFAULTS:
+        if name in MODEL_DEFAULTS or name in DIFFUSION_DEFAULTS or name in _SAMPLING_OF_MODEL:
             out.model[name] = converted
-            placed = True
-        if name in CLASSIFIER_DEFAULTS:
+        if name in CLASSIFIER_DEFAULTS or name in ("noise_schedule", "diffusion_steps") \
+                or name in _SAMPLING_OF_CLASSIFIER:
             out.classifier[name] = converted
-            placed = True
         if name in DIFFUSION_DEFAULTS:
             out.diffusion[name] = converted
-            placed = True
-        if not placed:
+        if name in SAMPLING_DEFAULTS and name not in _SAMPLING_OF_MODEL + _SAMPLING_OF_CLASSIFIER:
             out.other[name] = converted
     return out
+
+
+def _did_you_mean(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean --{close[0]}?)" if close else ""
 
 
 def channel_mult_for(image_size: int, channel_mult: str | Sequence[float] = "") -> tuple[float, ...]:
@@ -212,6 +227,25 @@ def _check_names(flags: dict[str, Any], who: str) -> None:
         raise TypeError(f"{who}: unknown flag(s) {said}; valid flags: {', '.join(valid)}")
 
 
+def _sampling_fields(f: dict[str, Any]) -> dict[str, Any]:
+    """The CGConfig fields that guided-diffusion's diffusion and sampling flags decide."""
+    steps = int(f["diffusion_steps"])
+    if f["rescale_timesteps"] and steps != 1000:
+        raise ValueError("rescale_timesteps=True with diffusion_steps != 1000 feeds the network t * 1000 / "
+                         "diffusion_steps, which cg_fast's samplers do not do; such a checkpoint is not supported")
+    if f["noise_schedule"] not in ("linear", "cosine"):
+        raise ValueError(f"unknown noise_schedule {f['noise_schedule']!r}: guided-diffusion has 'linear' and 'cosine'")
+    return dict(
+        noise_schedule=str(f["noise_schedule"]),
+        diffusion_steps=steps,
+        prediction="x0" if f["predict_xstart"] else "eps",
+        variance="fixed_large",  # guided-diffusion's scripts never set sigma_small
+        clip_denoised=bool(f["clip_denoised"]),
+        method="ddim" if f["use_ddim"] else "ddpm",
+        timestep_respacing=str(f["timestep_respacing"]) or None,
+    )
+
+
 def create_unet(
     *,
     dtype: torch.dtype | None = None,
@@ -226,7 +260,7 @@ def create_unet(
     `in_channels` are not guided-diffusion flags (it fixes 1000 and 3); they exist for small test models.
     """
     _check_names(flags, "create_unet")
-    f = {**MODEL_DEFAULTS, **{k: v for k, v in DIFFUSION_DEFAULTS.items() if k != "learn_sigma"}, **flags}
+    f = {**_ALL_DEFAULTS, **MODEL_DEFAULTS, **flags}
     image_size = int(f["image_size"])
     out_channels = 2 * in_channels if f["learn_sigma"] else in_channels
     model = UNetModel(
@@ -258,10 +292,7 @@ def create_unet(
         input_size=image_size,
         in_channels=in_channels,
         out_channels=out_channels,
-        noise_schedule=str(f["noise_schedule"]),
-        diffusion_steps=int(f["diffusion_steps"]),
-        clip_denoised=True,
-        timestep_respacing=str(f["timestep_respacing"]) or None,
+        **_sampling_fields(f),
     )
     return model.eval()
 
@@ -285,7 +316,7 @@ def create_classifier(
     guided-diffusion flags; they exist for small test models.
     """
     _check_names(flags, "create_classifier")
-    f = {**CLASSIFIER_DEFAULTS, **DIFFUSION_DEFAULTS, **flags}
+    f = {**_ALL_DEFAULTS, **CLASSIFIER_DEFAULTS, **flags}
     image_size = int(f["image_size"])
     model = EncoderUNetModel(
         image_size=image_size,
@@ -312,8 +343,8 @@ def create_classifier(
         input_size=image_size,
         in_channels=in_channels,
         out_channels=num_classes,
-        noise_schedule=str(f["noise_schedule"]),
+        noise_schedule=str(_sampling_fields(f)["noise_schedule"]),
         diffusion_steps=int(f["diffusion_steps"]),
-        clip_denoised=True,
+        guidance_scale=float(f["classifier_scale"]) if "classifier_scale" in flags else None,
     )
     return model.eval()

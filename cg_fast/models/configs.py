@@ -18,45 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .cg_config import CGConfig
+
 __all__ = ["CGConfig", "ModelSpec", "CONFIGS", "list_configs", "get_spec", "create"]
-
-
-@dataclass(frozen=True)
-class CGConfig:
-    """What a sampler needs to know about a model (attached to every created model as `model.cg_config`).
-
-    kind: 'adm-unet' | 'adm-classifier' | 'dit'.
-    learn_sigma: the output has 2*in_channels channels, eps then the variance interpolation v.
-    class_cond: the denoiser takes labels y. num_classes: labels y accepted (classifier: logits), None if none.
-    image_size: pixel resolution; input_size: spatial size of the model input (latent size for DiT).
-    noise_schedule: 'linear' | 'cosine' over diffusion_steps training steps (t is always in 0..steps-1).
-    clip_denoised: clamp predicted x0 to [-1, 1] (pixel models). latent_scale: VAE latent scale (DiT 0.18215).
-    null_label: the unconditional label for classifier-free guidance (DiT: num_classes), None if none.
-    timestep_respacing, guidance_scale, classifier: sampler defaults of the published setting (None: none).
-    """
-
-    kind: Literal["adm-unet", "adm-classifier", "dit"]
-    learn_sigma: bool
-    class_cond: bool
-    num_classes: int | None
-    image_size: int
-    input_size: int
-    in_channels: int
-    out_channels: int
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    diffusion_steps: int = 1000
-    clip_denoised: bool = True
-    latent_scale: float | None = None
-    null_label: int | None = None
-    name: str | None = None
-    timestep_respacing: str | None = None
-    guidance_scale: float | None = None
-    classifier: str | None = None
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one model input."""
-        return (self.in_channels, self.input_size, self.input_size)
 
 
 @dataclass(frozen=True)

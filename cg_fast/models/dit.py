@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import CGConfig
+from .cg_config import CGConfig
 from .nn import SinusoidalTimestepEmbedding, sincos_2d_pos_embed
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "DIT_ARCHS", "DIT_NAMES", "create", "modulate"]
@@ -297,7 +297,8 @@ def create(
 
 
 def dit_cg_config(model: DiT, image_size: int | None = None, **defaults) -> CGConfig:
-    """The sampler-facing description of a DiT (latent model: linear schedule, no clipping, scale 0.18215)."""
+    """The sampler-facing description of a DiT (latent model: linear schedule, no clipping, scale 0.18215,
+    CFG on the first 3 latent channels with the null label `num_classes`, as DiT's sample.py)."""
     return CGConfig(
         kind="dit",
         learn_sigma=model.learn_sigma,
@@ -312,5 +313,7 @@ def dit_cg_config(model: DiT, image_size: int | None = None, **defaults) -> CGCo
         clip_denoised=False,
         latent_scale=0.18215,
         null_label=model.null_label,
+        # DiT's forward_with_cfg guides the first 3 output channels of the 4 latent ones (spec §6)
+        cfg_channels=3 if model.in_channels > 3 else None,
         **defaults,
     )

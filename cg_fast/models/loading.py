@@ -6,10 +6,13 @@
 Accepted: a `.pt` / `.pth` / `.bin` file read with `torch.load(weights_only=True)` (no arbitrary object is ever
 unpickled; `argparse.Namespace`, which DiT training checkpoints keep under "args", is the one class allowed), a
 `.safetensors` file, or an in-memory state dict. Wrapped checkpoints are unwrapped: DiT training checkpoints
-({"model", "ema", "opt", "args"}) give their "ema" weights; "state_dict" / "model" wrappers are opened. A key
+({"model", "ema", "opt", "args"}) give their "ema" weights, with a warning naming the choice (pass
+``read_checkpoint(path)["model"]`` for the raw weights); "state_dict" / "model" wrappers are opened. A key
 prefix that every key carries and the model lacks ("module." from DistributedDataParallel, "_orig_mod." from
 torch.compile) is stripped with a warning. A model built on the meta device is materialised by `load` itself,
-which skips the random initialisation of a large model (seconds on a CPU).
+which skips the random initialisation of a large model (seconds on a CPU). Refused, with a `CheckpointError`
+naming the tensors: floating-point parameters stored as integers (a cast would silently change the values)
+and NaN or infinite values.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):  # by content, whatever the name says
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -89,6 +92,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of a JSON header that opens with '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= path.stat().st_size - 8
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -99,7 +112,15 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     while not _is_state_dict(obj):
         if not isinstance(obj, Mapping) or seen > 3:
             raise CheckpointError(f"checkpoint holds no state dict of tensors (got {type(obj).__name__})")
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        found = [k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)]
+        inner = obj[found[0]] if found else None
+        if len(found) > 1:
+            warnings.warn(
+                f"cg_fast.models.load: the checkpoint holds weights under {found}; loading {found[0]!r}"
+                + (" (the EMA weights, the ones to sample with)" if found[0] == "ema" else "")
+                + f". To load another, pass read_checkpoint(path)[{found[1]!r}] instead of the path",
+                stacklevel=3,
+            )
         if inner is None:
             keys = ", ".join(map(str, list(obj)[:10]))
             raise CheckpointError(
@@ -198,6 +219,20 @@ def load(
     wrong = [(k, tuple(sd[k].shape), own[k]) for k in own if k in sd and tuple(sd[k].shape) != own[k]]
     if missing or unexpected or wrong:
         raise _mismatch_error(model, sd, missing, unexpected, wrong)
+    own_t = model.state_dict()
+    as_int = [f"{k} ({sd[k].dtype})" for k in own if own_t[k].is_floating_point() and not sd[k].is_floating_point()]
+    if as_int:
+        raise CheckpointError(
+            f"checkpoint stores {len(as_int)} floating-point parameters as integers (first: "
+            f"{', '.join(as_int[:_SHOW])}); casting them would change the weights silently. Re-save the checkpoint "
+            "with its float tensors"
+        )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint has NaN or infinite values in {len(bad)} tensors (first: {', '.join(bad[:_SHOW])}): the "
+            "file is damaged or the training diverged; refusing to load them"
+        )
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # allocate without initialising; non-persistent buffers (timestep frequencies) rebuild themselves
         model.to_empty(device=device if device is not None else map_location)
@@ -219,7 +254,16 @@ def _mismatch_error(model, sd, missing, unexpected, wrong) -> LayoutMismatchErro
     if wrong:
         shown = ", ".join(f"{k} checkpoint {_fmt_shape(a)} vs model {_fmt_shape(b)}" for k, a, b in wrong[:_SHOW])
         lines.append(f"  wrong shape (first {min(_SHOW, len(wrong))}): {shown}")
+    from .layout import family_of, layout_differences
+
+    diffs = layout_differences(sd, model.state_dict())
+    if diffs:
+        lines.append("  what differs (as the layouts show it): " + "; ".join(diffs))
     matches = find_configs(sd)
+    try:
+        family = family_of(sd)
+    except ValueError:
+        family = None
     if matches:
         lines.append(
             f"  the checkpoint's layout matches config {', '.join(repr(m) for m in matches)}: "
@@ -227,8 +271,14 @@ def _mismatch_error(model, sd, missing, unexpected, wrong) -> LayoutMismatchErro
         )
     else:
         n = sum(math.prod(v.shape) for v in sd.values())
+        build = {
+            "adm-unet": "cg_fast.models.adm.create_unet(**parse_flags(MODEL_FLAGS).model) with its MODEL_FLAGS",
+            "adm-classifier": "cg_fast.models.adm.create_classifier(**parse_flags(CLASSIFIER_FLAGS).classifier) "
+                              "with its CLASSIFIER_FLAGS",
+            "dit": "cg_fast.models.dit.create(name, input_size=...) with the name shown by the layout",
+        }.get(family, "the model class it was saved from")
         lines.append(
-            f"  no registered config matches this layout ({len(sd)} tensors, {n:,} values); for a guided-diffusion "
-            "model pass its MODEL_FLAGS to cg_fast.models.adm.create_unet(**parse_flags(flags).model)"
+            f"  no registered config matches this layout ({len(sd)} tensors, {n:,} values); build the model with "
+            f"{build}, or let cg_fast.models.load_checkpoint(path) read the architecture from the file"
         )
     return LayoutMismatchError("\n".join(lines), missing, unexpected, wrong, matches)

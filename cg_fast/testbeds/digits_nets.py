@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.cg_config import CGConfig
 from ..models.nn import SinusoidalTimestepEmbedding
 
 __all__ = ["DigitsUNet", "DigitsClassifier", "DigitsMLPJudge", "NetConfig", "build_net"]
@@ -200,10 +201,34 @@ def build_net(config: NetConfig | dict) -> nn.Module:
     kw = {k: v for k, v in asdict(cfg).items() if k != "kind"}
     if cfg.kind == "unet":
         kw.pop("feature_dim")
-        return DigitsUNet(**kw)
-    kw.pop("class_cond")
-    if cfg.kind == "classifier":
-        return DigitsClassifier(**kw)
-    if cfg.kind == "mlp_judge":
-        return DigitsMLPJudge(**kw)
-    raise ValueError(f"unknown testbed network kind {cfg.kind!r}: use 'unet', 'classifier' or 'mlp_judge'")
+        net: nn.Module = DigitsUNet(**kw)
+    else:
+        kw.pop("class_cond")
+        if cfg.kind == "classifier":
+            net = DigitsClassifier(**kw)
+        elif cfg.kind == "mlp_judge":
+            net = DigitsMLPJudge(**kw)
+        else:
+            raise ValueError(f"unknown testbed network kind {cfg.kind!r}: use 'unet', 'classifier' or 'mlp_judge'")
+    net.cg_config = digits_cg_config(cfg)
+    return net
+
+
+def digits_cg_config(cfg: NetConfig) -> CGConfig:
+    """The testbed's sampling conventions as a CGConfig: linear schedule over 1000 steps, eps prediction,
+    fixed-large variance, clipping to [-1, 1], null label = num_classes for CFG (class-conditional UNet)."""
+    unet = cfg.kind == "unet"
+    return CGConfig(
+        kind="digits-unet" if unet else "digits-classifier",
+        learn_sigma=False,
+        class_cond=unet and cfg.class_cond,
+        num_classes=cfg.num_classes if (cfg.class_cond or not unet) else None,
+        image_size=cfg.image_size,
+        input_size=cfg.image_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels if unet else cfg.num_classes,
+        noise_schedule="linear",
+        diffusion_steps=1000,
+        null_label=cfg.num_classes if unet and cfg.class_cond else None,
+        name=f"digits-{cfg.kind}" + ("" if not unet else "-cond" if cfg.class_cond else "-uncond"),
+    )
