@@ -16,20 +16,25 @@ Protocol (fixed before any result was seen; nothing here is tuned to make a meth
   and the cosine similarity of successive fresh gradients.
 
     python benchmarks/quality_study.py                 # the full study (~40 min on 2 CPU cores); resumes
-    python benchmarks/quality_study.py --quick --out /tmp/qs    # a smoke run (seconds)
+    python benchmarks/quality_study.py --quick         # a smoke run (seconds), into out/quality_study_quick
 
-Writes into ``--out`` (default benchmarks/results/quality_study): results.json (every run, written after
-each), report.md (the tables), quality_vs_grads.png and losses.png.
+Writes into ``--out`` (default benchmarks/results/quality_study, the shipped results; --quick:
+out/quality_study_quick): results.json (every run, written after each), gmm.json, report.md (the tables),
+quality_vs_grads.png and losses.png.
+
+results.json and gmm.json record the settings that produced them (``config``: sample count, samplers and
+their steps, every method's definition, the scale ladders, the tuning seed, a hash of the testbed weights;
+see :func:`study_settings`). A rerun with the same settings resumes them (a run is keyed by sampler, family,
+method, scale and seed within those settings); a rerun with other settings into the same folder is refused
+before any sampling (cg_fast.runs.resume_or_refuse), so a smoke run can never add its rows to, or serve its
+rows from, the shipped results.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,8 +45,10 @@ from cg_fast import CFG, ClassifierGuidance
 from cg_fast.eval import conditional_sliced_wasserstein
 from cg_fast.eval.diagnostics import Diagnostics
 from cg_fast.guidance import Compress, EarlyStop, Full, Interval, UniformSkip
+from cg_fast.runs import (RunError, atomic_write_json, check_writable, files_fingerprint, new_results,
+                          resume_or_refuse)
 from cg_fast.sampler import Sampler
-from cg_fast.testbeds.digits import load_testbed
+from cg_fast.testbeds.digits import WEIGHTS_DIR, load_testbed
 
 # -- the study's design -------------------------------------------------------------------------------------
 SAMPLERS = {"ddpm250": ("250", "ddpm"), "ddpm50": ("50", "ddpm"), "ddim25": ("ddim25", "ddim")}
@@ -82,16 +89,30 @@ TUNE_SEED = 100
 SEEDS = [0, 1, 2]
 NUM_SAMPLES = 500
 
+GMM_SAMPLES, GMM_STEPS = 4000, "250"
+
 QUICK = dict(samplers={"ddim25": ("ddim25", "ddim")}, matched={"ddpm10": ("10", "ddpm")}, num_samples=60,
              seeds=[0, 1], cg_scales=[2.0, 8.0], cfg_scales=[2.0, 3.0], gmm_samples=400, gmm_steps="25")
+SHIPPED_OUT = Path(__file__).parent / "results" / "quality_study"
+QUICK_OUT = Path("out") / "quality_study_quick"
+KIND, GMM_KIND = "cg_fast quality study", "cg_fast quality study (gmm)"
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def study_settings(q: dict) -> dict:
+    """Every setting that changes a digits result or which scale the report shows (``q``: {} or QUICK)."""
+    samplers = {**q.get("samplers", SAMPLERS), **q.get("matched", MATCHED)}
+    methods = {**{f"cg:{k}": v for k, v in CG_METHODS.items()}, **{f"cfg:{k}": v for k, v in CFG_METHODS.items()}}
+    return {"num_samples": q.get("num_samples", NUM_SAMPLES), "tune_seed": TUNE_SEED,
+            "samplers": {k: list(v) for k, v in samplers.items()},
+            "methods": {k: f"{p!r} cache={c} {kw}" for k, (p, c, kw) in methods.items()},
+            "cg_scales": q.get("cg_scales", CG_SCALES), "cfg_scales": q.get("cfg_scales", CFG_SCALES),
+            "testbed": files_fingerprint(list(WEIGHTS_DIR.glob("digits_*.pt")))}
+
+
+def gmm_settings(q: dict) -> dict:
+    """Every setting that changes the Gaussian-mixture section."""
+    return {"num_samples": q.get("gmm_samples", GMM_SAMPLES), "steps": q.get("gmm_steps", GMM_STEPS),
+            "seeds": q.get("seeds", SEEDS), "testbed": files_fingerprint(list(WEIGHTS_DIR.glob("gmm_classifier.*")))}
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -101,16 +122,18 @@ def _ms(values: list[float]) -> tuple[float, float]:
 class Study:
     """Runs (sampler, family, method, scale, seed) once each, keeping every result in results.json."""
 
-    def __init__(self, out: Path, num_samples: int, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, settings: dict, log: Callable[[str], None] = print) -> None:
+        """Opens ``out``/results.json: resumed if it holds the same ``settings`` (study_settings), refused
+        (RunError, before any sampling) if it holds others, started if absent."""
         self.out, self.log = out, log
-        self.path = out / "results.json"
-        self.tb = load_testbed()
-        self.num_samples = num_samples
-        self.y = self.tb.labels(num_samples)
-        self.results: dict[str, dict] = {}
-        if self.path.exists():
-            self.results = json.loads(self.path.read_text()).get("runs", {})
+        self.path = check_writable(out / "results.json")
+        self.record = resume_or_refuse(self.path, settings, KIND, log) or new_results(settings, KIND)
+        self.results: dict[str, dict] = self.record["runs"]
+        if self.results:
             log(f"resuming: {len(self.results)} runs already in {self.path}")
+        self.tb = load_testbed()
+        self.num_samples = num_samples = settings["num_samples"]
+        self.y = self.tb.labels(num_samples)
         self.samplers: dict[tuple[str, str], Sampler] = {}
         self.started, self.done = time.perf_counter(), 0
 
@@ -144,7 +167,7 @@ class Study:
             row["curves"] = diag.curves()
         self.results[key] = row
         self.done += 1
-        _atomic_json(self.path, {"runs": self.results})
+        atomic_write_json(self.path, self.record, indent=1)
         el = time.perf_counter() - self.started
         self.log(f"[{self.done} runs, {el / 60:.1f} min] {key}: fd_class {row['fd_class']:.2f} fd {row['fd']:.2f} "
                  f"judge {row['judge_acc']:.3f} grads {row['classifier_grads']}")
@@ -383,17 +406,26 @@ def plot(out: Path, results: dict, gmm: dict | None, samplers: dict, matched: di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_study"))
+    p.add_argument("--out", default=None,
+                   help=f"results folder (default {SHIPPED_OUT.relative_to(Path(__file__).parent.parent)}; "
+                        f"--quick: {QUICK_OUT}); a folder holding results of other settings is refused")
     p.add_argument("--quick", action="store_true", help="a smoke run: one sampler, tiny sizes (seconds)")
     p.add_argument("--no-gmm", action="store_true", help="skip the Gaussian-mixture section")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     q = QUICK if args.quick else {}
+    out = Path(args.out) if args.out else (QUICK_OUT if args.quick else SHIPPED_OUT)
     samplers, matched = q.get("samplers", SAMPLERS), q.get("matched", MATCHED)
     seeds, n = q.get("seeds", SEEDS), q.get("num_samples", NUM_SAMPLES)
     cg_scales, cfg_scales = q.get("cg_scales", CG_SCALES), q.get("cfg_scales", CFG_SCALES)
-    study = Study(out, n)
+    try:  # every file is checked before any sampling
+        gmm_path, gsettings = check_writable(out / "gmm.json"), gmm_settings(q)
+        gmm_record = None if args.no_gmm else resume_or_refuse(gmm_path, gsettings, GMM_KIND, print)
+        for name in ("report.md", "quality_vs_grads.png", "losses.png"):
+            check_writable(out / name)
+        study = Study(out, study_settings(q))
+    except RunError as e:
+        print(f"quality_study: error: {e}", file=sys.stderr)
+        return 2
     try:
         for name, spec in samplers.items():
             study.tune_and_eval("cg", name, spec, CG_METHODS, cg_scales, seeds)
@@ -404,13 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in matched.items():
             study.tune_and_eval("cg", name, spec, {"full": CG_METHODS["full"]}, cg_scales, seeds)
         gmm = None
-        gmm_path = out / "gmm.json"
         if not args.no_gmm:
-            if gmm_path.exists() and not args.quick:
-                gmm = json.loads(gmm_path.read_text())
-            else:
-                gmm = run_gmm(out, q.get("gmm_samples", 4000), q.get("gmm_steps", "250"), seeds, print)
-                _atomic_json(gmm_path, gmm)
+            if gmm_record is None:
+                gmm_record = {**new_results(gsettings, GMM_KIND),
+                              **run_gmm(out, gsettings["num_samples"], gsettings["steps"], seeds, print)}
+                atomic_write_json(gmm_path, gmm_record, indent=1)
+            gmm = gmm_record
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {study.path} (a rerun resumes)", file=sys.stderr)
         return 130

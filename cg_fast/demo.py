@@ -18,13 +18,15 @@ from typing import Callable
 
 import torch
 
-from .demo_gmm import _atomic_write_json, _mean_std, resume
+from .demo_gmm import _mean_std
 from .eval.images import save_grid
 from .eval.npz import from_uint8, load_sample_batch, save_sample_batch
 from .guidance import ClassifierGuidance, Compress, EarlyStop, Full, Policy, UniformSkip
-from .testbeds.digits import load_testbed
+from .runs import RunError, atomic_write_json, check_writable, files_fingerprint, new_results, resume_or_refuse
+from .testbeds.digits import WEIGHTS_DIR, load_testbed
 
-__all__ = ["DigitsDemoConfig", "DIGITS_RUNS", "run_digits_demo", "format_digits_table", "plot_digits_demo"]
+__all__ = ["DigitsDemoConfig", "DIGITS_RUNS", "check_digits_config", "sample_files", "run_digits_demo",
+           "format_digits_table", "plot_digits_demo"]
 
 
 @dataclass
@@ -50,8 +52,28 @@ DIGITS_RUNS: dict[str, tuple[Policy, str] | None] = {
 }
 
 
+KIND = "cg_fast demo (digits)"  # the results file's kind: a GMM demo file is never resumed as a digits one
+MIN_SAMPLES = 20  # 2 per class: the per-class Fréchet distance needs two samples of every class
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def check_digits_config(cfg: DigitsDemoConfig) -> None:
+    """Refuse, before any sampling, settings the demo cannot run (ValueError saying which and why)."""
+    if cfg.num_samples < MIN_SAMPLES:
+        raise ValueError(f"samples per run must be at least {MIN_SAMPLES} (2 per class, for the per-class "
+                         f"Fréchet distance); got {cfg.num_samples}")
+    if not cfg.seeds:
+        raise ValueError("give at least one seed")
+
+
+def sample_files(grids: Path, stem: str, name: str) -> tuple[Path, Path]:
+    """(PNG grid, npz batch) of policy ``name`` in folder ``grids``, named after the results file's ``stem``
+    (``out/demo.json`` -> ``out/demo_full.png``), so runs with different results files never share them."""
+    base = grids / f"{stem}_{_slug(name)}"
+    return base.with_suffix(".png"), base.with_suffix(".npz")
 
 
 def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | None = None,
@@ -60,20 +82,34 @@ def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | Non
     """Run every policy for every seed; returns (and, with ``out``, saves after each run) the results.
 
     Saved atomically after every (policy, seed): an interrupted demo keeps what it finished, and a rerun
-    with the same ``out`` and configuration skips those runs. ``grids``: a folder for one PNG grid of
-    samples per policy and the samples themselves as an ADM evaluator batch (``demo_<policy>.npz``: arr_0
-    NHWC uint8, arr_1 labels; first seed). ``keep_samples``: receives the first seed's samples per policy.
+    with the same ``out`` and configuration skips those runs; a rerun with another configuration is refused
+    before sampling (:class:`cg_fast.runs.RunError`). ``grids``: a folder for one PNG grid of samples per
+    policy and the samples themselves as an ADM evaluator batch (``<out stem>_<policy>.npz``, see
+    :func:`sample_files`: arr_0 NHWC uint8, arr_1 labels; first seed; without ``out`` they are named
+    ``demo_<policy>`` and nothing guards them). ``keep_samples``: receives the first seed's samples per policy.
     """
     runs = DIGITS_RUNS if runs is None else runs
+    check_digits_config(cfg)
+    stem = out.stem if out is not None else "demo"
+    for path in ([] if out is None else [out]) + ([] if grids is None else [sample_files(grids, stem, "x")[0]]):
+        check_writable(path)
     tb = load_testbed(cfg.testbed)
+    # the settings: the configuration and the weights' bytes (a retrained testbed in the same folder is new)
+    weights = files_fingerprint(list((WEIGHTS_DIR if cfg.testbed is None else Path(cfg.testbed)).glob("digits_*.pt")))
+    settings = {**asdict(cfg), "weights": weights}
+    results: dict = resume_or_refuse(out, settings, KIND, log) or new_results(settings, KIND)
+    if out is not None and grids is not None and not results["runs"]:
+        stale = [p for name in runs for p in sample_files(grids, stem, name) if p.exists()]
+        if stale:  # no results file, but sample files of an earlier run: say so before replacing them
+            log(f"replacing {len(stale)} sample files of an earlier run without results ({stale[0]}, ...)")
     sampler = tb.sampler("uncond", cfg.steps, cfg.method)
     y = tb.labels(cfg.num_samples)
 
-    results: dict = resume(out, asdict(cfg), log) or {"config": asdict(cfg), "runs": {}}
-
     for name, spec in runs.items():
         per_seed = results["runs"].setdefault(name, {})
-        saved = None if grids is None else grids / f"demo_{_slug(name)}.npz"
+        if not isinstance(per_seed, dict):
+            raise RunError(f"{out}: the runs of {name!r} are not a record per seed; move the file aside or delete it")
+        png, saved = sample_files(grids, stem, name) if grids is not None else (None, None)
         if keep_samples is not None and str(cfg.seeds[0]) in per_seed and saved is not None and saved.exists():
             keep_samples[name] = from_uint8(load_sample_batch(saved)[0])  # a resumed run: its saved samples
         for seed in cfg.seeds:
@@ -94,10 +130,10 @@ def run_digits_demo(cfg: DigitsDemoConfig = DigitsDemoConfig(), runs: dict | Non
                 if keep_samples is not None:
                     keep_samples[name] = res.x
                 if grids is not None:
-                    save_grid(res.x[:100], grids / f"demo_{_slug(name)}.png", nrow=10, scale=4)
+                    save_grid(res.x[:100], png, nrow=10, scale=4)
                     save_sample_batch(saved, res.x, y)  # ADM evaluator format
             if out is not None:
-                _atomic_write_json(out, results)
+                atomic_write_json(out, results)
         log(f"  {name}: done")
     return results
 

@@ -7,10 +7,7 @@ Each configuration runs with several seeds; the table reports mean ± std.
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,11 +16,12 @@ import torch
 
 from .guidance import ClassifierGuidance, Compress, EarlyStop, Full, Policy, UniformSkip
 from .eval.sliced import conditional_sliced_wasserstein
+from .runs import RunError, atomic_write_json, check_writable, new_results, resume_or_refuse
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .testbeds.gmm import GaussianMixture
 
-__all__ = ["DemoConfig", "DEMO_RUNS", "run_demo", "format_table", "plot_demo"]
+__all__ = ["DemoConfig", "DEMO_RUNS", "check_config", "run_demo", "format_table", "plot_demo"]
 
 
 @dataclass
@@ -58,27 +56,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+KIND = "cg_fast demo (gmm)"  # the results file's kind: a digits demo file is never resumed as a GMM one
 
 
-def resume(out: Path | None, config: dict, log: Callable[[str], None]) -> dict | None:
-    """The results saved in ``out`` by an earlier run with the same ``config``, else None."""
-    if out is None or not out.exists():
-        return None
-    try:
-        old = json.loads(out.read_text())
-    except (json.JSONDecodeError, OSError):
-        log(f"ignoring unreadable {out}")
-        return None
-    if old.get("config") != config:
-        return None
-    log(f"resuming from {out}")
-    return old
+def check_config(cfg: DemoConfig) -> None:
+    """Refuse, before any sampling, settings the demo cannot run (ValueError saying which and why)."""
+    if cfg.num_classes < 2 or cfg.dim < 1 or not cfg.std > 0:
+        raise ValueError(f"the mixture needs num_classes >= 2, dim >= 1 and std > 0; got {cfg.num_classes}, "
+                         f"{cfg.dim}, {cfg.std}")
+    if cfg.num_samples < 2 * cfg.num_classes:
+        raise ValueError(f"samples per run must be at least {2 * cfg.num_classes} (2 per class, for the per-class "
+                         f"sliced Wasserstein distance); got {cfg.num_samples}")
+    if not cfg.seeds:
+        raise ValueError("give at least one seed")
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path | None = None,
@@ -87,18 +77,24 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
     """Run every configuration for every seed; returns (and, with ``out``, saves after each run) results.
 
     Results are written atomically after every (configuration, seed), so an interrupted demo keeps what
-    it finished; a rerun with the same ``out`` and configuration skips the runs already there.
+    it finished; a rerun with the same ``out`` and configuration skips the runs already there, and a rerun
+    with another configuration is refused before sampling (:class:`cg_fast.runs.RunError`; see cg_fast.runs).
     ``keep_samples``: a dict that receives the first seed's samples per configuration (for pictures).
     """
     runs = DEMO_RUNS if runs is None else runs
+    check_config(cfg)
+    if out is not None:
+        check_writable(out, "results file")
+    results: dict = resume_or_refuse(out, asdict(cfg), KIND, log) or {**new_results(asdict(cfg), KIND),
+                                                                      "reference": {}}
+    if not isinstance(results.setdefault("reference", {}), dict):
+        raise RunError(f"{out} has no valid 'reference' section; move it aside or delete it")
     sched = NoiseSchedule.linear(1000)
     gmm = GaussianMixture.random(cfg.num_classes, cfg.dim, std=cfg.std, seed=cfg.mixture_seed)
     y = torch.arange(cfg.num_samples) % cfg.num_classes
     sampler = Sampler(gmm.eps_model(sched), sched, cfg.steps, cfg.method, class_cond=False,
                       clip_denoised=False)
     clf = gmm.classifier(sched)
-
-    results: dict = resume(out, asdict(cfg), log) or {"config": asdict(cfg), "runs": {}, "reference": {}}
 
     # exact references per seed, and the noise floor (two independent exact sets)
     refs = {}
@@ -116,6 +112,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
 
     for name, (policy, cache, extra) in runs.items():
         per_seed = results["runs"].setdefault(name, {})
+        if not isinstance(per_seed, dict):
+            raise RunError(f"{out}: the runs of {name!r} are not a record per seed; move the file aside or delete it")
         for seed in cfg.seeds:
             if str(seed) in per_seed:
                 continue
@@ -131,7 +129,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), runs: dict | None = None, out: Path
                 **{k: v for k, v in res.stats.summary().items() if not k.startswith(("on_", "off_"))},
             }
             if out is not None:
-                _atomic_write_json(out, results)
+                atomic_write_json(out, results)
         if keep_samples is not None and "exact p(x|y)" not in keep_samples:
             keep_samples["exact p(x|y)"] = refs[cfg.seeds[0]]
         log(f"  {name}: done")

@@ -3,7 +3,10 @@
 The body of a step reads its inputs from fixed buffers and writes the new state in place:
 
     x, h  the state and the cache state (live across steps, updated in place by the fused step kernel)
-    z     the step's noise (drawn outside a graph, so eager and graph runs consume the same random numbers)
+    z     the step's noise (drawn outside a graph, so eager and graph runs consume the same random numbers);
+          None with counter-based noise, where instead
+    seeds, step_index   the rows' sample seeds and the step j (int64, on the device) from which the fused
+          kernel computes z itself (cg_fast.kernels.rng): a graph replays step j after a copy into step_index
     coef  the step's coefficient row [B, NUM_COLS] (table row j, see cg_fast.kernels.table)
     t     the original timesteps [B] (t2: the same twice, for the 2B CFG pass)
 
@@ -33,18 +36,26 @@ class StepBuffers:
     """The fixed tensors a step program reads and writes (see module docstring)."""
 
     x: Tensor
-    z: Tensor
+    z: Tensor | None
     coef: Tensor
     t: Tensor
     h: Tensor | None = None
     y: Tensor | None = None
     t2: Tensor | None = None
     y2: Tensor | None = None
+    seeds: Tensor | None = None
+    step_index: Tensor | None = None
+    double_noise: bool = False  # draw noise for 2B rows, keep the first B (DiT's sample.py, DiTPipeline)
 
     def draw_noise(self, generator: torch.Generator | None = None) -> None:
         """The step's noise into ``z``: randn is empty().normal_(), so this is the same random stream as
-        guided-diffusion's one ``randn_like(x)`` per step."""
-        self.z.normal_(generator=generator)
+        guided-diffusion's one ``randn_like(x)`` per step. With ``double_noise`` the stream is that of
+        ``randn_like`` on the doubled CFG batch [x; x], of which the conditional half's rows are kept."""
+        if self.double_noise:
+            z2 = torch.empty((2 * self.z.shape[0], *self.z.shape[1:]), dtype=self.z.dtype, device=self.z.device)
+            self.z.copy_(z2.normal_(generator=generator)[: self.z.shape[0]])
+        else:
+            self.z.normal_(generator=generator)
 
 
 @dataclass
@@ -112,7 +123,11 @@ class StepProgram:
                 out["guidance"] = o[:, :c] - fresh[:, :c]
             else:
                 out["guidance"] = fresh.clone()
-        self.step(b.x, o, b.coef, b.z, fresh=fresh, h=b.h, out=b.x, **self.step_kw)
+        if b.seeds is None:
+            self.step(b.x, o, b.coef, b.z, fresh=fresh, h=b.h, out=b.x, **self.step_kw)
+        else:  # counter-based noise, computed inside the step kernel from device buffers
+            self.step(b.x, o, b.coef, None, fresh=fresh, h=b.h, out=b.x, seeds=b.seeds, step_index=b.step_index,
+                      **self.step_kw)
         return out
 
 
@@ -140,6 +155,9 @@ class GraphRunner:
     run concurrently (one stream) and every tensor a graph returns is kept alive in :attr:`graphs`, so the
     only memory two graphs can share is temporaries, dead when a replay ends.
 
+    Everything runs under ``torch.cuda.device(x.device)``: the side stream, the warm-up, the capture and the
+    replays use the buffers' device, not whichever device is current (a sampler on ``cuda:1``).
+
     ``meta`` holds whatever the caller wants to keep with the captured program (the sampler keeps the
     guidance object whose methods were captured).
     """
@@ -154,9 +172,11 @@ class GraphRunner:
         if warmup < 1:  # the first iteration runs host-side checks (a sync) that must not be captured
             raise ValueError(f"GraphRunner needs at least one warm-up iteration, got warmup={warmup}")
         self.program, self.buffers, self.warmup = program, buffers, warmup
+        self.device = buffers.x.device  # captures, streams and replays live there, whichever device is current
         self.graphs: dict[bool, tuple[Any, dict[str, Tensor]]] = {}
-        self.pool = self._api.graph_pool_handle()
-        self.stream = self._api.Stream()
+        with self._api.device(self.device):
+            self.pool = self._api.graph_pool_handle()
+            self.stream = self._api.Stream(device=self.device)
         self.meta: dict[str, Any] = {}
 
     def _capture(self, guided: bool) -> tuple[Any, dict[str, Tensor]]:
@@ -165,13 +185,13 @@ class GraphRunner:
         saved = [t.clone() for t in state]
         checker = self.program.check_output
         try:
-            self.stream.wait_stream(api.current_stream())
+            self.stream.wait_stream(api.current_stream(self.device))
             try:
                 with api.stream(self.stream):
                     for _ in range(self.warmup):
                         self.program(b, guided)
             finally:
-                api.current_stream().wait_stream(self.stream)
+                api.current_stream(self.device).wait_stream(self.stream)
             self.program.check_output = None  # host-side: checked in the warm-up, not captured
             graph = api.CUDAGraph()
             with api.graph(graph, pool=self.pool, stream=self.stream):
@@ -183,11 +203,12 @@ class GraphRunner:
         return graph, outs
 
     def run(self, guided: bool) -> dict[str, Tensor]:
-        if guided not in self.graphs:
-            self.graphs[guided] = self._capture(guided)
-        graph, outs = self.graphs[guided]
-        graph.replay()
-        return {k: v.clone() for k, v in outs.items()}  # the graph's own buffers: copy before the next replay
+        with self._api.device(self.device):
+            if guided not in self.graphs:
+                self.graphs[guided] = self._capture(guided)
+            graph, outs = self.graphs[guided]
+            graph.replay()
+            return {k: v.clone() for k, v in outs.items()}  # the graph's own buffers: copy before the next replay
 
 
 def module_signature(obj: Any) -> tuple:

@@ -28,6 +28,17 @@ def test_selection_on_cpu():
         Sampler(lambda x, t: x, SCHED, backend="openvino")
 
 
+def test_auto_on_cuda_means_cuda_graphs_even_with_tensorrt_installed(monkeypatch):
+    """TensorRT builds an engine per model and shape (minutes): auto never picks it, only a request does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_has", lambda m: True)  # tensorrt, onnx, onnxscript all importable
+    cuda = torch.device("cuda")
+    assert backends.why_unavailable("tensorrt", cuda) is None
+    assert backends.resolve("auto", cuda) == "cudagraph"
+    assert backends.resolve("tensorrt", cuda) == "tensorrt"
+    assert backends.resolve("auto", CPU) == "eager"
+
+
 def test_requested_backend_that_cannot_run_raises(tiny_eps):
     s = Sampler(tiny_eps, SCHED, "5", backend="cudagraph")
     with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
@@ -196,3 +207,30 @@ def test_onnx_sampling_equals_eager_tiny_adm_and_dit(name, guide):
     # ancestral steps accumulate them, so the samples are compared at 1e-3.
     tol = 1e-4 if guide == "classifier" else 1e-3
     torch.testing.assert_close(onnx, eager, rtol=tol, atol=tol)
+
+
+def test_onnx_cuda_provider_falling_back_to_the_cpu_is_an_error(monkeypatch, tiny_eps):
+    """onnxruntime-gpu whose CUDA provider cannot load runs the session on the CPU; CUDA pointers must never
+    be bound to it."""
+    pytest.importorskip("onnxruntime")
+    from cg_fast.backends import onnxrt
+
+    made = []
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None):
+            made.append(providers)
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]  # what ORT reports after dropping the CUDA provider
+
+    fake_ort = type("FakeOrt", (), {"InferenceSession": Session,
+                                    "get_available_providers": staticmethod(
+                                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])})
+    monkeypatch.setattr(onnxrt, "export_denoiser", lambda model, path, *a: path)
+    den = onnxrt.OnnxDenoiser(tiny_eps, provider="cuda")
+    den._ort = fake_ort
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 2])
+    with pytest.raises(RuntimeError, match="fell back to"):
+        den._session(x, t, y)
+    assert made and made[0][0][0] == "CUDAExecutionProvider" and not den._sessions

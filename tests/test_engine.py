@@ -126,15 +126,27 @@ class _Stream:
 
 
 class EmulatedCuda:
-    """The torch.cuda names GraphRunner and cudagraph._Graphed use, emulated on the CPU."""
+    """The torch.cuda names GraphRunner and cudagraph._Graphed use, emulated on the CPU.
+
+    ``devices`` records every device made current (``device(d)``) and every device a stream was asked for.
+    """
 
     CUDAGraph = EmulatedGraph
-    Stream = _Stream
 
     def __init__(self) -> None:
         self.captures = 0
+        self.devices: list = []
+
+    def Stream(self, device=None) -> _Stream:  # noqa: N802 - the torch.cuda name
+        self.devices.append(("stream", device))
+        return _Stream()
+
+    def device(self, d) -> contextlib.AbstractContextManager:
+        self.devices.append(("device", d))
+        return contextlib.nullcontext()
 
     def current_stream(self, device=None) -> _Stream:
+        self.devices.append(("current_stream", device))
         return _Stream()
 
     def stream(self, s) -> contextlib.AbstractContextManager:
@@ -233,7 +245,7 @@ def _program_and_buffers(model, clf=None, stateful=False):
 
 
 def _clone(b: StepBuffers) -> StepBuffers:
-    return StepBuffers(**{k: None if v is None else v.clone() for k, v in vars(b).items()})
+    return StepBuffers(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in vars(b).items()})  # flags as they are
 
 
 @pytest.mark.parametrize("guided", [False, True])
@@ -593,3 +605,135 @@ def test_graphed_sampling_of_the_model_zoo_equals_eager(graphs, name):
                     learn_sigma=cfg.learn_sigma, clip_denoised=cfg.clip_denoised, kernels="reference", backend=backend)
         out.append(s.sample(shape, y=y, guidance=guid, generator=torch.Generator().manual_seed(0)).x)
     assert torch.equal(out[1], out[0])
+
+
+# -- results that must survive the next call (CFG's two unbatched passes) ------------------------------------------
+def _cfg_unbatched():
+    return CFG(3.0, null_label=10, policy=Compress(rate=3), cache="momentum", beta=0.5, batched=False)
+
+
+@pytest.mark.parametrize("clone_outputs", [True, False])
+def test_graphed_denoiser_results_survive_the_next_call(monkeypatch, clone_outputs):
+    """Two calls of one signature (CFG's conditional then unconditional pass): the first result must stay the
+    conditional output. With the graph's static output returned (clone_outputs=False) it is overwritten, and
+    CFG's direction eps_c - eps_u silently becomes 0; that is why copies are the default."""
+    from cg_fast.backends import cudagraph
+    monkeypatch.setattr(cudagraph._Graphed, "_api", EMU)
+    model, _ = _models()
+    den = cudagraph.CUDAGraphDenoiser(model, clone_outputs=clone_outputs)
+    x, t = torch.randn(SHAPE), torch.full((4,), 500)
+    cond = den(x, t, Y)
+    uncond = den(x, t, torch.full((4,), 10))
+    with torch.no_grad():
+        want_c, want_u = model(x, t, Y), model(x, t, torch.full((4,), 10))
+    assert torch.equal(uncond, want_u)
+    assert torch.equal(cond, want_c) is clone_outputs
+    # the whole sampler with CFG as two passes through the graphed denoiser, against the eager model
+    eager = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="eager")
+    wrapped = Sampler(den, SCHED, "12", learn_sigma=True, kernels="reference", backend="eager")
+    same = torch.equal(_sample(wrapped, _cfg_unbatched()).x, _sample(eager, _cfg_unbatched()).x)
+    assert same is clone_outputs
+
+
+class _CudagraphTreeStandIn:
+    """What torch.compile's cudagraph trees do to outputs: every call writes into the same output memory."""
+
+    def __init__(self, model):
+        self.model, self.out, self.calls = model, None, 0
+
+    def __call__(self, *args):
+        o = self.model(*args)
+        if self.out is None:
+            self.out = torch.empty_like(o)
+        self.calls += 1
+        return self.out.copy_(o)
+
+
+def test_compile_modes_with_cudagraphs_copy_outputs_and_mark_steps(monkeypatch):
+    from cg_fast.backends import compiled
+    marks = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: _CudagraphTreeStandIn(model))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model, _ = _models()
+    for mode, copies in (("reduce-overhead", True), ("max-autotune", True), (None, False)):
+        marks.clear()
+        den = compiled.CompiledDenoiser(model, mode=mode)
+        x, t = torch.randn(SHAPE), torch.full((4,), 500)
+        cond = den(x, t, Y)
+        den(x, t, torch.full((4,), 10))
+        with torch.no_grad():
+            assert torch.equal(cond, model(x, t, Y)) is copies, mode
+        assert len(marks) == (2 if copies else 0)
+    # the sampler with CFG as two passes under reduce-overhead equals eager
+    eager = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="eager")
+    comp = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="compile",
+                   backend_options={"mode": "reduce-overhead"})
+    assert torch.equal(_sample(comp, _cfg_unbatched()).x, _sample(eager, _cfg_unbatched()).x)
+
+
+# -- the classifier gradient stays graphed with the onnx / tensorrt / compile backends -----------------------------
+def test_classifier_gradient_is_replayed_with_backends_that_graph_only_the_denoiser(monkeypatch):
+    from cg_fast import backends
+    from cg_fast.backends import cudagraph
+    monkeypatch.setattr(cudagraph._Graphed, "_api", EMU)
+    monkeypatch.setattr(backends, "make_denoiser", lambda model, name, **kw: model)  # a stand-in of compile
+    model, clf = _models()
+    guid = ClassifierGuidance(clf, 2.0, policy=Compress(rate=3), cache="momentum", beta=0.3)
+    eager = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="eager")
+    comp = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="compile")
+    calls = []
+    real = ClassifierGuidance.gradient
+    monkeypatch.setattr(ClassifierGuidance, "gradient", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    want = _sample(eager, guid)
+    grads = len(calls)
+    calls.clear()
+    got = _sample(comp, guid)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-6, atol=1e-6)
+    for j, rec in want.stats.on_sampling.items():
+        torch.testing.assert_close(got.stats.on_sampling[j].log_prob, rec.log_prob)
+    assert got.stats.classifier_grads == want.stats.classifier_grads == grads > 2
+    (graph,) = comp._classifier_graphs.values()
+    assert graph.num_graphs == 1 and graph.eager_reason is None
+    (captured,) = graph._graphs.values()
+    assert len(calls) == 1 and captured.graph.replays == grads - 1  # step 1 checks labels eagerly, the rest replay
+    calls.clear()
+    _sample(comp, ClassifierGuidance(clf, 4.0, policy=Compress(rate=3)))  # a new run and guidance: no recapture
+    assert len(calls) == 1 and graph.num_graphs == 1 and len(comp._classifier_graphs) == 1
+
+
+def test_a_classifier_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+    from cg_fast import backends
+    from cg_fast.backends import cudagraph
+    monkeypatch.setattr(cudagraph._Graphed, "_api", EMU)
+    monkeypatch.setattr(backends, "make_denoiser", lambda model, name, **kw: model)
+    model, clf = _models()
+
+    def syncing(x, t):
+        out = clf(x, t)
+        return out * float(out.detach().abs().max() > -1)  # a host sync
+
+    guid = ClassifierGuidance(syncing, 2.0, policy=Compress(rate=3))
+    want = _sample(Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="eager"), guid)
+    comp = Sampler(model, SCHED, "12", learn_sigma=True, kernels="reference", backend="compile")
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        got = _sample(comp, guid)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-6, atol=1e-6)
+    (graph,) = comp._classifier_graphs.values()
+    assert graph.eager_reason is not None and "host synchronisation" in graph.eager_reason
+
+
+# -- captures, streams and replays on the tensors' device (item: cuda:1 while cuda:0 is current) -------------------
+def test_graphs_use_the_device_of_their_tensors(monkeypatch):
+    from cg_fast.backends import cudagraph
+    monkeypatch.setattr(cudagraph._Graphed, "_api", EMU)
+    model, clf = _models()
+    EMU.devices.clear()
+    program, bufs = _program_and_buffers(model)
+    runner = EmulatedGraphRunner(program, bufs)
+    runner.run(False)
+    runner.run(False)
+    cudagraph.CUDAGraphDenoiser(model)(torch.randn(SHAPE), torch.full((4,), 5), Y)
+    cudagraph.CUDAGraphClassifierGrad(clf)(torch.randn(SHAPE), torch.full((4,), 5), Y)
+    kinds = {k for k, _ in EMU.devices}
+    assert kinds == {"device", "stream", "current_stream"}
+    assert all(d == bufs.x.device for _, d in EMU.devices), EMU.devices  # never None: the current device

@@ -6,10 +6,15 @@
     compile    ``torch.compile`` (option ``mode``: default, reduce-overhead, max-autotune)
     onnx       exported with ``torch.onnx.export`` and run by ONNX Runtime (CPU or CUDA provider)
     tensorrt   ONNX -> TensorRT engine (fp16/bf16, static shapes), engines cached on disk
-    auto       the fastest available: CUDA -> tensorrt if installed, else cudagraph; CPU -> eager
+    auto       CUDA -> cudagraph (ready after one capture per step kind); CPU -> eager. TensorRT is never
+               picked by auto: its engine build takes minutes per model and shape, so it runs only when asked.
 
 A backend asked for by name that cannot run here raises :class:`BackendUnavailable` saying what to
 install; nothing falls back silently except ``auto``.
+
+The classifier of classifier guidance stays in PyTorch (TensorRT and ONNX have no autograd). With the
+backends that do not capture whole steps (onnx, tensorrt, compile) on CUDA, its forward + backward is still
+replayed from a CUDA graph (:func:`classifier_graph`); with cudagraph it is part of the guided step's graph.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "BackendUnavailable", "check_name", "why_unavailable", "resolve", "make_denoiser"]
+__all__ = ["BACKENDS", "BackendUnavailable", "check_name", "why_unavailable", "resolve", "make_denoiser",
+           "classifier_graph"]
 
 BACKENDS = ("auto", "eager", "cudagraph", "compile", "onnx", "tensorrt")
 
@@ -67,9 +73,7 @@ def resolve(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     check_name(name)
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_available():
-            return "tensorrt" if why_unavailable("tensorrt", device) is None else "cudagraph"
-        return "eager"
+        return "cudagraph" if device.type == "cuda" and torch.cuda.is_available() else "eager"
     why = why_unavailable(name, device)
     if why is not None:
         raise BackendUnavailable(why)
@@ -94,3 +98,22 @@ def make_denoiser(model: Callable[..., Tensor], name: str, **options: Any) -> Ca
         from .tensorrt import TensorRTDenoiser
         return TensorRTDenoiser(model, **options)
     raise ValueError("backend 'auto' must be resolved first: backends.resolve('auto', device)")
+
+
+def classifier_graph(classifier: Callable[[Tensor, Tensor], Tensor], backend: str, device: torch.device,
+                     cache: dict[Any, Any], key: Any) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """The classifier gradient ``(x, t, y) -> (g, logits)`` replayed from a CUDA graph, for the denoiser
+    backends that leave the classifier out of their graphs (onnx, tensorrt, compile) on CUDA; None where the
+    gradient runs otherwise (eager; cudagraph, which captures it inside the guided step; the CPU).
+
+    ``cache`` (owned by the caller, e.g. the sampler) keeps one graphed gradient per ``key`` (the classifier's
+    :func:`cg_fast.engine.module_signature`), so later runs replay what the first captured.
+    """
+    from .cudagraph import CUDAGraphClassifierGrad
+
+    graphs_here = device.type == "cuda" or CUDAGraphClassifierGrad._api is not torch.cuda  # (tests emulate)
+    if backend in ("eager", "cudagraph") or not graphs_here:
+        return None
+    if key not in cache:
+        cache[key] = CUDAGraphClassifierGrad(classifier, eager_fallback=True)  # warns if it cannot be captured
+    return cache[key]

@@ -5,6 +5,9 @@ Build: the denoiser is exported to ONNX (:func:`cg_fast.backends.onnxrt.export_d
 for exactly the shapes of the call (a static profile). Engines are cached by :class:`EngineCache` under a
 key of the model-weights hash, shapes, precision, GPU name and compute capability and TensorRT version; a
 stale engine is never found (the key changes), a corrupt one is deleted and rebuilt, writes are atomic.
+In-place weight changes (``load_state_dict``) are noticed before every call
+(:func:`~cg_fast.backends.engine_cache.state_signature`) and the weights hashed again; after writes through
+``param.data`` call :meth:`TensorRTDenoiser.refresh`.
 
 Run: inputs and the output stay on the GPU; ``execute_async_v3`` on the current CUDA stream. Inputs are
 cast to the dtypes the engine declares (TensorRT 10 takes INT64 ``t``/``y`` as they are) and the output is
@@ -25,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .engine_cache import EngineCache, EngineKey, weights_hash
+from .engine_cache import EngineCache, EngineKey, state_signature, weights_hash
 
 __all__ = ["TensorRTDenoiser", "PRECISIONS"]
 
@@ -70,6 +73,8 @@ class TensorRTDenoiser:
         self.workspace = int(workspace_gb * (1 << 30))
         self.opset_version = opset_version
         self.cache = EngineCache(cache_dir)
+        self._modules = list(model.modules())
+        self._signature = state_signature(self._modules)
         self.weights = weights_hash(model)
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
@@ -127,7 +132,21 @@ class TensorRTDenoiser:
         self.built += 1
         return bytes(blob)
 
+    def refresh(self) -> None:
+        """Hash the weights again and drop the engines in memory (after writes through ``param.data``)."""
+        self._modules = list(self.model.modules())
+        self._signature = None
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Engines of the old weights are dropped when the weights changed in place (see state_signature)."""
+        signature = state_signature(self._modules)
+        if signature != self._signature:
+            self._signature, self.weights = signature, weights_hash(self.model)
+            self._engines.clear()
+
     def _engine(self, x: Tensor, t: Tensor, y: Tensor | None):
+        self._check_weights()
         sig = (tuple(x.shape), x.dtype, y is not None, x.device)
         if sig not in self._engines:
             key = self.key(x, t, y)
@@ -159,6 +178,10 @@ class TensorRTDenoiser:
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.device.type != "cuda":
             raise ValueError(f"the tensorrt backend runs on CUDA tensors, got x on {x.device}")
+        with torch.cuda.device(x.device):  # TensorRT builds, deserializes and runs on the current device
+            return self._run(x, t, y)
+
+    def _run(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         _, context, inputs, output, in_dtypes, out_dtype = self._engine(x, t, y)
         given = {"x": x, "t": t, "y": y}
         # cast to what the engine declares; the tensors stay referenced until the call returns, and a freed

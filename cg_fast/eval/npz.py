@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,13 @@ ArrayLike = Tensor | np.ndarray
 _MAX_CHANNELS = 4  # grayscale, grayscale+alpha, RGB, RGBA; a larger "channel" axis means a layout mix-up
 
 
+def _looks_channels_last(shape: tuple[int, ...]) -> bool:
+    """[n, a, b, c] reads as NHWC rather than NCHW: square a x b with c <= 4 channels, while the NCHW reading
+    would be a non-square b x c image (images here are square)."""
+    _, a, b, c = shape
+    return a == b and b != c and c <= _MAX_CHANNELS
+
+
 def to_uint8(x: ArrayLike) -> Tensor:
     """Float NCHW images in [-1, 1] -> uint8 NHWC, as guided-diffusion's sample script (values are clamped)."""
     x = torch.as_tensor(x)
@@ -31,9 +39,9 @@ def to_uint8(x: ArrayLike) -> Tensor:
         raise ValueError(f"to_uint8 expects float images in [-1, 1]; got dtype {x.dtype}")
     if x.ndim != 4:
         raise ValueError(f"to_uint8 expects NCHW images [n, C, H, W]; got shape {tuple(x.shape)}")
-    if x.shape[1] > _MAX_CHANNELS:
-        raise ValueError(f"to_uint8 expects NCHW images; shape {tuple(x.shape)} has {x.shape[1]} channels "
-                         "(NHWC input? permute it with x.permute(0, 3, 1, 2))")
+    if x.shape[1] > _MAX_CHANNELS or _looks_channels_last(tuple(x.shape)):
+        raise ValueError(f"to_uint8 expects float NCHW images [n, C, H, W]; shape {tuple(x.shape)} looks like NHWC "
+                         "(channels last): permute it with x.permute(0, 3, 1, 2)")
     if not torch.isfinite(x).all():
         raise ValueError("images contain NaN or inf; a uint8 cast of those is meaningless")
     u = ((x.detach() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
@@ -78,9 +86,10 @@ def _check_uint8_nhwc(images: np.ndarray, where: str) -> None:
         raise ValueError(f"{where}: images must be uint8; got dtype {images.dtype}")
     if images.ndim != 4:
         raise ValueError(f"{where}: images must be NHWC [n, H, W, C]; got shape {images.shape}")
-    if images.shape[-1] > _MAX_CHANNELS:
-        raise ValueError(f"{where}: uint8 images must be NHWC; shape {images.shape} has {images.shape[-1]} "
-                         "channels (NCHW input? permute it with x.permute(0, 2, 3, 1))")
+    _, c, h, w = images.shape
+    if images.shape[-1] > _MAX_CHANNELS or (h == w and c != h and c <= _MAX_CHANNELS):
+        raise ValueError(f"{where}: uint8 images must be NHWC [n, H, W, C]; shape {images.shape} looks like NCHW "
+                         "(channels first): permute it with x.permute(0, 2, 3, 1)")
 
 
 def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
@@ -88,7 +97,11 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
         raise ValueError(f"{where}: labels must be a vector of {n} class indices; got shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise ValueError(f"{where}: labels must be integers; got dtype {labels.dtype}")
-    return labels.astype(np.int64, copy=False)
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{where}: labels must be class indices >= 0; got {int(labels.min())} at position "
+                         f"{int(labels.argmin())}")
+    return labels
 
 
 def save_sample_batch(path: str | os.PathLike, images: ArrayLike, labels: ArrayLike | None = None) -> Path:
@@ -129,15 +142,21 @@ def load_sample_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray |
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz sample batch ({e})") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz sample batch ({type(e).__name__}: {e}); write it again "
+                         "(save_sample_batch)") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} holds a single array, not an .npz archive with arr_0 (and arr_1)")
     with data:
         if "arr_0" not in data.files:
             raise ValueError(f"{path} has no arr_0 (it holds {sorted(data.files)}); an ADM sample batch stores "
                              "uint8 NHWC images as arr_0 -- write one with save_sample_batch")
-        images = data["arr_0"]
+        try:  # the members are read (and their CRCs checked) only here
+            images = data["arr_0"]
+            raw_labels = data["arr_1"] if "arr_1" in data.files else None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path} is damaged: its arrays cannot be read ({type(e).__name__}: {e}); write it "
+                             "again (save_sample_batch)") from e
         _check_uint8_nhwc(images, str(path))
-        labels = _check_labels(data["arr_1"], images.shape[0], str(path)) if "arr_1" in data.files else None
+        labels = _check_labels(raw_labels, images.shape[0], str(path)) if raw_labels is not None else None
     return images, labels

@@ -35,6 +35,11 @@ def sliced_wasserstein(a: Tensor, b: Tensor, num_projections: int = 512, p: floa
         raise ValueError(f"sample sets differ in dimension: {a.shape[1]} vs {b.shape[1]}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError("sliced_wasserstein needs at least 2 samples in each set")
+    for name, s in (("a", a), ("b", b)):
+        if not bool(torch.isfinite(s).all()):
+            bad = int((~torch.isfinite(s)).any(dim=1).sum())
+            raise ValueError(f"sliced_wasserstein: sample set {name} has NaN or infinite values in {bad} of "
+                             f"{s.shape[0]} samples (a diverged sampler?); the distance would be NaN")
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a.shape[1], num_projections, generator=gen, dtype=torch.float64)
     dirs /= dirs.norm(dim=0, keepdim=True)
