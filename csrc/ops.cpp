@@ -8,6 +8,8 @@
 // Both ops write x_{t-1} into `out` (which may alias x) and update the cache state `h` in place (spec §4);
 // they return nothing, so that their only effects are the declared mutations `Tensor(a!)` / `Tensor(b!)?`,
 // which torch.compile functionalises and CUDA graphs capture (no allocation, no host sync in the kernels).
+// Noise: `noise` (like x), or None with `seeds` (int64 [B], uint64 bits) and `step_index` (int64, 1 or B
+// values): counter-based z computed in the kernel (layout: cg_fast/kernels/rng.py; csrc/philox.h).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,14 +17,14 @@ TORCH_LIBRARY(cg_fast, m) {
   // One DDPM ancestral step, ADM p_sample + condition_mean (spec §5), with the CFG combine (spec §6) and the
   // cache update (spec §4) fused in; semantics of cg_fast.kernels.reference.ddpm_step_ref.
   m.def(
-      "ddpm_step(Tensor x, Tensor model_out, Tensor coef, Tensor noise, Tensor(a!) out, *, str guide=\"none\", "
+      "ddpm_step(Tensor x, Tensor model_out, Tensor coef, Tensor? noise, Tensor(a!) out, *, str guide=\"none\", "
       "Tensor? fresh=None, Tensor(b!)? h=None, str prediction=\"eps\", bool learned_var=False, bool clip=True, "
-      "int? cfg_channels=None) -> ()");
+      "int? cfg_channels=None, Tensor? seeds=None, Tensor? step_index=None) -> ()");
   // One DDIM step (eta >= 0), ADM ddim_sample + condition_score (spec §5); semantics of ddim_step_ref.
   m.def(
-      "ddim_step(Tensor x, Tensor model_out, Tensor coef, Tensor noise, Tensor(a!) out, *, str guide=\"none\", "
+      "ddim_step(Tensor x, Tensor model_out, Tensor coef, Tensor? noise, Tensor(a!) out, *, str guide=\"none\", "
       "Tensor? fresh=None, Tensor(b!)? h=None, str prediction=\"eps\", bool learned_var=False, bool clip=True, "
-      "int? cfg_channels=None) -> ()");
+      "int? cfg_channels=None, Tensor? seeds=None, Tensor? step_index=None) -> ()");
 }
 
 // `import cg_fast._C` loads this shared library, which runs the static registrations above and in

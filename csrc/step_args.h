@@ -17,7 +17,9 @@ enum DType : int { DT_FLOAT32 = 0, DT_FLOAT16 = 1, DT_BFLOAT16 = 2 };
 // storage on the kernel's device. Layout: x, noise, h, out [rows, n]; model_out [rows, o_row] with
 // o_row = n, or 2n when learned_var (variance channel at [b, n + i]); fresh [rows, f_row] (f_row = n or 2n,
 // the first n are used); coef [rows, 18] float32. `fresh` / `h` are null when absent. `out` may alias `x`
-// (and nothing else).
+// (and nothing else). Counter-based noise: `noise` is null and `seeds` (one uint64 per row, stored as int64)
+// and `step_index` (1 value, or one per row when step_stride is 1) are read by the kernel (on its device), so
+// a CUDA graph replays new steps without re-capture (layout: cg_fast/kernels/rng.py, csrc/philox.h).
 struct StepArgs {
   const float* x = nullptr;
   const void* model_out = nullptr;
@@ -26,6 +28,9 @@ struct StepArgs {
   const void* fresh = nullptr;
   float* h = nullptr;
   float* out = nullptr;
+  const int64_t* seeds = nullptr;       // counter-based noise: per-row sample seeds, or null (read `noise`)
+  const int64_t* step_index = nullptr;  // counter-based noise: the step j
+  int64_t step_stride = 0;              // 0: one step index for all rows; 1: one per row
   int64_t rows = 0;
   int64_t n = 0;
   int64_t o_row = 0;

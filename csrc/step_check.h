@@ -18,7 +18,7 @@ namespace cg_fast {
 // The tensors of one step call, kept alive while the kernel runs. `out` / `h` are what the kernel writes:
 // the caller's tensors when they are contiguous, else contiguous stand-ins that finish() copies back.
 struct StepTensors {
-  at::Tensor x, model_out, coef, noise, fresh, h, out;
+  at::Tensor x, model_out, coef, noise, fresh, h, out, seeds, step_index;
   at::Tensor h_user, out_user;  // defined only when a stand-in is used
   StepArgs args;
 
@@ -87,10 +87,12 @@ inline void check_rows(const char* op, const char* what, const at::Tensor& t, in
 
 // Validates one ddpm_step / ddim_step call (schema in csrc/ops.cpp) and prepares its StepArgs.
 inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x, const at::Tensor& model_out,
-                                const at::Tensor& coef, const at::Tensor& noise, const at::Tensor& out,
-                                std::string_view guide, const std::optional<at::Tensor>& fresh,
-                                const std::optional<at::Tensor>& h, std::string_view prediction,
-                                bool learned_var, bool clip, std::optional<int64_t> cfg_channels) {
+                                const at::Tensor& coef, const std::optional<at::Tensor>& noise,
+                                const at::Tensor& out, std::string_view guide,
+                                const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
+                                std::string_view prediction, bool learned_var, bool clip,
+                                std::optional<int64_t> cfg_channels, const std::optional<at::Tensor>& seeds,
+                                const std::optional<at::Tensor>& step_index) {
   StepArgs a;
   a.method = method;
   a.guide = parse_guide(op, guide);
@@ -124,7 +126,28 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
   TORCH_CHECK(coef.dim() == 2 && coef.size(0) == rows && coef.size(1) == CG_NUM_COLS, op,
               ": coef must have shape [", rows, ", ", CG_NUM_COLS, "] (one table row per batch row), got ",
               coef.sizes());
-  check_like_x(op, "noise", noise, x);
+  // the noise: a tensor like x, or counter-based from per-row seeds and the step index (rng.py layout)
+  const bool has_noise = noise.has_value() && noise->defined();
+  const bool has_seeds = seeds.has_value() && seeds->defined();
+  const bool has_step = step_index.has_value() && step_index->defined();
+  TORCH_CHECK(has_noise != has_seeds, op,
+              has_noise ? ": pass either noise or (seeds, step_index) for counter-based noise, not both"
+                        : ": noise is None: counter-based noise needs seeds (int64 [B]) and step_index");
+  TORCH_CHECK(has_seeds == has_step, op, ": seeds and step_index go together (counter-based noise)");
+  if (has_noise) check_like_x(op, "noise", *noise, x);
+  if (has_seeds) {
+    check_device(op, "seeds", *seeds, x);
+    check_device(op, "step_index", *step_index, x);
+    TORCH_CHECK(seeds->scalar_type() == at::kLong, op, ": seeds must be int64, got ", seeds->scalar_type());
+    TORCH_CHECK(step_index->scalar_type() == at::kLong, op, ": step_index must be int64, got ",
+                step_index->scalar_type());
+    TORCH_CHECK(seeds->dim() == 1 && seeds->size(0) == rows, op, ": seeds must have shape [", rows,
+                "] (one per batch row), got ", seeds->sizes());
+    TORCH_CHECK(step_index->numel() == 1 || step_index->numel() == rows, op,
+                ": step_index must hold 1 or ", rows, " (one per row) values, got ", step_index->numel());
+    TORCH_CHECK(n <= (int64_t{1} << 34), op, ": counter-based noise covers at most 2^34 elements per row, got ",
+                n);
+  }
   check_like_x(op, "out", out, x);
 
   StepTensors t;
@@ -151,7 +174,11 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
   t.x = x.contiguous();
   t.model_out = model_out.contiguous();
   t.coef = coef.contiguous();
-  t.noise = noise.contiguous();
+  if (has_noise) t.noise = noise->contiguous();
+  if (has_seeds) {
+    t.seeds = seeds->contiguous();
+    t.step_index = step_index->reshape({-1}).contiguous();
+  }
   if (out.is_contiguous()) {
     t.out = out;
   } else {
@@ -169,7 +196,10 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
   a.x = t.x.data_ptr<float>();
   a.model_out = t.model_out.data_ptr();
   a.coef = t.coef.data_ptr<float>();
-  a.noise = t.noise.data_ptr<float>();
+  a.noise = has_noise ? t.noise.data_ptr<float>() : nullptr;
+  a.seeds = has_seeds ? t.seeds.data_ptr<int64_t>() : nullptr;
+  a.step_index = has_seeds ? t.step_index.data_ptr<int64_t>() : nullptr;
+  a.step_stride = has_seeds && t.step_index.numel() > 1 ? 1 : 0;
   a.fresh = has_fresh ? t.fresh.data_ptr() : nullptr;
   a.h = has_h ? t.h.data_ptr<float>() : nullptr;
   a.out = t.out.data_ptr<float>();

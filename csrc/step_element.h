@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "philox.h"
 #include "step_args.h"
 #include "step_math.h"
 
@@ -39,7 +40,11 @@ CG_HD void step_element(const StepArgs& p, int64_t idx, const Exp& exp_fn) {
   const int64_t i = idx - b * p.n;
   const float* c = p.coef + b * CG_NUM_COLS;
   const float x = p.x[idx];
-  const float z = p.noise[idx];
+  // the noise: read, or counter-based from the row's seed and the step index (cg_fast/kernels/rng.py)
+  const float z = p.seeds == nullptr
+                      ? p.noise[idx]
+                      : counter_normal(static_cast<uint64_t>(p.seeds[b]),
+                                       static_cast<uint32_t>(p.step_index[b * p.step_stride]), i);
   float o = to_f32(mo[b * p.o_row + i]);
   float a = 0.0f;
 

@@ -22,6 +22,9 @@ from cg_fast.kernels.triton_step import BLOCK, ddim_step_triton, ddpm_step_trito
 
 if not triton_step.available():  # pragma: no cover - conftest sets TRITON_INTERPRET=1
     pytest.skip("Triton cannot run here: no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+if not triton_step._INTERPRETED:  # pragma: no cover - a GPU machine (conftest leaves the kernels compiled)
+    pytest.skip("these tests feed CPU tensors to the interpreted kernels; on a GPU the compiled kernels are "
+                "checked over every variant and dtype by tests/test_gpu.py", allow_module_level=True)
 
 SHAPES = [(3, 3, 7, 5), (5, 13)]  # n = 105 and 13: partial blocks, a vector layout
 # (name, step under test, reference, DDIM eta or None for DDPM)
@@ -345,12 +348,18 @@ variants = [  # (kernel, model-output dtype, constexprs): the widest paths of ea
     (t._ddpm_step_kernel, "bf16", dict(PRED=2, LEARNED=True, CLIP=False, GUIDE=2, HAS_FRESH=True, HAS_H=True)),
     (t._ddim_step_kernel, "fp16", dict(PRED=0, CLIP=True, GUIDE=1, HAS_FRESH=False, HAS_H=True)),
     (t._ddim_step_kernel, "fp32", dict(PRED=1, CLIP=True, GUIDE=2, HAS_FRESH=True, HAS_H=False)),
+    # counter-based noise in the kernel (cg_fast/kernels/rng.py)
+    (t._ddpm_step_kernel, "fp32", dict(PRED=0, LEARNED=True, CLIP=True, GUIDE=1, HAS_FRESH=True, HAS_H=True,
+                                       COUNTER=True)),
+    (t._ddim_step_kernel, "fp32", dict(PRED=0, CLIP=True, GUIDE=1, HAS_FRESH=True, HAS_H=False, COUNTER=True)),
 ]
 aligned = ["x_ptr", "o_ptr", "c_ptr", "z_ptr", "f_ptr", "h_ptr", "out_ptr", "n", "o_row", "f_row"]
 for kernel, odt, cx in variants:
     cx["BLOCK"] = t.BLOCK
+    cx.setdefault("COUNTER", False)
     sig = {a: "*fp32" if a.endswith("_ptr") else "i32" for a in kernel.arg_names if a not in cx}
     sig["o_ptr"] = sig["f_ptr"] = "*" + odt
+    sig["seed_ptr"] = sig["step_ptr"] = "*i64"
     sig.update({k: "constexpr" for k in cx})
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     ptx = compile(ASTSource(kernel, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),

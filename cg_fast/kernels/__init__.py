@@ -10,6 +10,10 @@ Three implementations share one signature (that of :func:`ddpm_step_ref` / :func
 CPU tensors, the reference otherwise or when the preferred one is not installed (with one warning). The
 environment variable ``CG_FAST_KERNELS=reference|triton|csrc`` (or the ``impl=`` argument, or
 ``Sampler(kernels=...)``) forces one; a forced implementation that is unavailable raises.
+
+Noise: every implementation takes either ``noise`` (a tensor like x) or ``noise=None`` with ``seeds`` (int64 [B])
+and ``step_index``: counter-based noise of the layout in :mod:`cg_fast.kernels.rng`, computed inside the fused
+kernels (the reference computes it with :func:`cg_fast.kernels.rng.counter_normal`).
 """
 from __future__ import annotations
 
@@ -97,19 +101,19 @@ def resolve(x: Tensor, impl: str | None = None) -> str:
     return "reference"
 
 
-def ddpm_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, *, impl: str | None = None,
+def ddpm_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, *, impl: str | None = None,
               **kw) -> Tensor:
     """One fused DDPM step; arguments as :func:`cg_fast.kernels.reference.ddpm_step_ref`."""
     return _load(resolve(x, impl))[0](x, model_out, coef, noise, **kw)
 
 
-def ddim_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, *, impl: str | None = None,
+def ddim_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, *, impl: str | None = None,
               **kw) -> Tensor:
     """One fused DDIM step; arguments as :func:`cg_fast.kernels.reference.ddim_step_ref`."""
     return _load(resolve(x, impl))[1](x, model_out, coef, noise, **kw)
 
 
-def step(method: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, **kw) -> Tensor:
+def step(method: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, **kw) -> Tensor:
     """``ddpm_step`` or ``ddim_step`` by ``method`` name."""
     if method == "ddpm":
         return ddpm_step(x, model_out, coef, noise, **kw)

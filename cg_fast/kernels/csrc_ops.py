@@ -9,22 +9,30 @@ values: on the CPU bitwise (same float32 operations in the same order, the exp t
 
 Operator schemas (csrc/ops.cpp); ``out`` and ``h`` are written in place, nothing is returned::
 
-    cg_fast::ddpm_step(Tensor x, Tensor model_out, Tensor coef, Tensor noise, Tensor(a!) out, *,
+    cg_fast::ddpm_step(Tensor x, Tensor model_out, Tensor coef, Tensor? noise, Tensor(a!) out, *,
                        str guide="none", Tensor? fresh=None, Tensor(b!)? h=None, str prediction="eps",
-                       bool learned_var=False, bool clip=True, int? cfg_channels=None) -> ()
+                       bool learned_var=False, bool clip=True, int? cfg_channels=None,
+                       Tensor? seeds=None, Tensor? step_index=None) -> ()
     cg_fast::ddim_step(... the same ...) -> ()
 
 Layout: ``x``, ``noise``, ``h``, ``out`` float32 of one shape [B, C, ...] (n = x[0].numel() per row);
 ``model_out`` [B, C, ...], or [B, 2C, ...] with ``learned_var`` (variance channel of element i at n + i);
 ``fresh`` the classifier gradient (shape of x) or, for CFG, the unconditional output (C or 2C channels).
 ``model_out`` / ``fresh`` may be float16 / bfloat16 / float32 (upcast exactly). Memory traffic per element
-(fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h].
+(fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h]. Counter-based noise (``noise=None``, ``seeds``
+int64 [B], ``step_index`` int64 with 1 or B values, on x's device): z is computed in the kernel from the counter
+layout of :mod:`cg_fast.kernels.rng` (Philox4x32-10 + Box-Muller; csrc/philox.h), so the noise tensor is neither
+drawn, written nor read (4 bytes less per element, and no separate random-number pass). On the CPU it is
+bitwise ``rng.counter_normal`` (torch's own log / cos / sin, as for exp below); on CUDA within
+``rng.NORMAL_TOL_ULP``. Seeds and step index are read by the kernel, so a CUDA graph replays later steps after a
+copy into the step-index buffer.
 
 exp on the CPU: the kernels call the function torch.exp calls on this build (MKL VML ``vmsExp`` in high-accuracy
 mode in the PyTorch x86 wheels; SLEEF or std::exp without MKL), hence the bitwise agreement. The environment
 variable ``CG_FAST_CSRC_EXP=sleef|std``, read once per process, selects another one: not bitwise (<= 1e-6
 relative, tested), and with learned variance ``sleef`` is ~1.7x faster on AVX-512 (the two exps per element are
-most of the kernel's time when the data are in cache).
+most of the kernel's time when the data are in cache). The same choice applies to the log / cos / sin of
+counter-based noise (torch's vmsLn / vmsCos / vmsSin by default).
 
 .. warning:: ``out`` may alias ``x`` (in-place step); it must not alias ``noise``, ``model_out``, ``fresh`` or
    ``h``.
@@ -38,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import check_step_args
+from .reference import check_noise_args, check_step_args
 from .table import NUM_COLS
 
 __all__ = ["available", "ddpm_step_csrc", "ddim_step_csrc", "load_error"]
@@ -77,9 +85,10 @@ def load_error() -> str | None:
 
 
 # -- fake (meta) implementations: shapes / dtypes only, for torch.compile and FakeTensor tracing -----------------
-def _fake_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, out: Tensor, *, guide: str = "none",
-               fresh: Tensor | None = None, h: Tensor | None = None, prediction: str = "eps",
-               learned_var: bool = False, clip: bool = True, cfg_channels: int | None = None) -> None:
+def _fake_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, out: Tensor, *,
+               guide: str = "none", fresh: Tensor | None = None, h: Tensor | None = None, prediction: str = "eps",
+               learned_var: bool = False, clip: bool = True, cfg_channels: int | None = None,
+               seeds: Tensor | None = None, step_index: Tensor | None = None) -> None:
     torch._check(out.shape == x.shape, lambda: f"cg_fast step: out must have the shape of x {tuple(x.shape)}")
     torch._check(coef.dim() == 2 and coef.shape[1] == NUM_COLS,
                  lambda: f"cg_fast step: coef must have shape [B, {NUM_COLS}], got {tuple(coef.shape)}")
@@ -96,6 +105,13 @@ if _C is not None and not getattr(_C, "_cg_fast_fakes_registered", False):
 
 
 # -- typed wrappers with the reference signature --------------------------------------------------------------------
+def _step_index(x: Tensor, step_index: int | Tensor | None) -> Tensor | None:
+    """The step index as the int64 tensor the op reads (an int becomes a one-element tensor on x's device)."""
+    if step_index is None or (isinstance(step_index, Tensor) and step_index.dtype == torch.int64):
+        return step_index
+    return torch.as_tensor(step_index, dtype=torch.int64, device=x.device).reshape(-1)
+
+
 def _out_like(x: Tensor, out: Tensor | None) -> Tensor:
     if out is not None:
         return out
@@ -106,7 +122,7 @@ def ddpm_step_csrc(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -116,6 +132,8 @@ def ddpm_step_csrc(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One fused DDPM ancestral step (ADM ``p_sample`` + ``condition_mean``; spec §5), returns x_{t-1}.
 
@@ -126,10 +144,11 @@ def ddpm_step_csrc(
     alias ``x``.
     """
     check_step_args(guide, fresh, h, cfg_channels, prediction)
+    check_noise_args(x, noise, seeds, step_index)
     out = _out_like(x, out)
     torch.ops.cg_fast.ddpm_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
                                 prediction=prediction, learned_var=learned_var, clip=clip,
-                                cfg_channels=cfg_channels)
+                                cfg_channels=cfg_channels, seeds=seeds, step_index=_step_index(x, step_index))
     return out
 
 
@@ -137,7 +156,7 @@ def ddim_step_csrc(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -147,6 +166,8 @@ def ddim_step_csrc(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One fused DDIM step (ADM ``ddim_sample`` + ``condition_score``; spec §5), returns x_{t-1}.
 
@@ -154,8 +175,9 @@ def ddim_step_csrc(
     :func:`ddpm_step_csrc`; the variance channels of a learned-variance model are ignored, as in ADM.
     """
     check_step_args(guide, fresh, h, cfg_channels, prediction)
+    check_noise_args(x, noise, seeds, step_index)
     out = _out_like(x, out)
     torch.ops.cg_fast.ddim_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
                                 prediction=prediction, learned_var=learned_var, clip=clip,
-                                cfg_channels=cfg_channels)
+                                cfg_channels=cfg_channels, seeds=seeds, step_index=_step_index(x, step_index))
     return out

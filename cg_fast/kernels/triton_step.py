@@ -23,6 +23,10 @@ of 4 per value read; the per-row coefficients are 18 floats per program, negligi
     + CFG fresh (unconditional eps half only)     + eps_u                                +4
     + CFG with cache state                        as classifier: + h read and written    +8
 
+Counter-based noise (``noise=None``, ``seeds``, ``step_index``; the layout of :mod:`cg_fast.kernels.rng`) reads
+no z (-4 bytes): the kernels compute it with :func:`cg_fast.kernels.triton_rng.counter_normal_block` (the raw
+``tl.philox`` on the layout's counter, Box-Muller with libdevice's log / cos / sin).
+
 The benchmarked configuration (DDPM, learned variance, classifier guidance, momentum cache, guided step)
 moves 32 bytes per element: read x, eps, v, z, g, h (24) and write x', h (8).
 
@@ -44,18 +48,27 @@ restriction ``cfg_channels = c`` of C channels guides exactly the elements ``i <
    costs time in a memory-bound kernel. Under the interpreter numpy's ``exp`` may differ from torch's by an
    ulp. The kernels are not differentiable: the result carries no autograd graph.
 
+Host cost: a step's kernel runs for microseconds, so without CUDA graphs the Python around the launch can
+dominate. The launcher validates a call signature (shapes, strides, dtypes, devices, modes) once and keeps
+its launch plan; a later call of the same signature looks the plan up and launches, with no checks, copies
+or allocations (``out`` given, contiguous tensors). ``benchmarks/bench_step_triton.py`` reports the host
+cost beside the kernel time.
+
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors through the
 Triton interpreter (slow; for tests only).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .reference import check_step_args
+from .reference import check_noise_args, check_step_args
 from .table import NUM_COLS, Col
+from .triton_rng import counter_normal_block
 
 try:  # triton is optional: without it this module imports and available() says False
     import triton
@@ -184,8 +197,9 @@ if triton is not None:
     def _ddpm_step_kernel(
         x_ptr, o_ptr, c_ptr, z_ptr, f_ptr, h_ptr, out_ptr,  # f: classifier g or CFG eps_u; h: cache state
         n, o_row, f_row, c_row, c_col, guided_limit,      # row strides in elements; CFG: i < guided_limit
+        seed_ptr, step_ptr, step_stride,                   # COUNTER: per-row seeds, step index (rng.py)
         PRED: tl.constexpr, LEARNED: tl.constexpr, CLIP: tl.constexpr, GUIDE: tl.constexpr,
-        HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, COUNTER: tl.constexpr = False,
     ):
         """One DDPM ancestral step (ADM ``p_sample`` + ``condition_mean``, spec §5) on one block of one row."""
         b = tl.program_id(0).to(tl.int64)  # batch row
@@ -225,8 +239,11 @@ if triton is not None:
                     g = tl.load(f_ptr + b * f_row + i, mask=mask, other=0.0).to(tl.float32)
                 a = _applied_guidance(g, h_ptr + b * n + i, mask, h_decay, g_weight, HAS_FRESH, HAS_H)
                 mean = mean + var * (a * s)
-        # 5. x_{t-1} = mean + sqrt(Var) z, no noise on the last step
-        z = tl.load(z_ptr + b * n + i, mask=mask, other=0.0)
+        # 5. x_{t-1} = mean + sqrt(Var) z, no noise on the last step; z read, or counter-based (rng.py)
+        if COUNTER:
+            z = counter_normal_block(seed_ptr, step_ptr, b, step_stride, tl.program_id(1), BLOCK)
+        else:
+            z = tl.load(z_ptr + b * n + i, mask=mask, other=0.0)
         x_next = mean + (nonzero * _exp(0.5 * log_var)) * z
         tl.store(out_ptr + b * n + i, x_next, mask=mask)
 
@@ -234,8 +251,9 @@ if triton is not None:
     def _ddim_step_kernel(
         x_ptr, o_ptr, c_ptr, z_ptr, f_ptr, h_ptr, out_ptr,
         n, o_row, f_row, c_row, c_col, guided_limit,
+        seed_ptr, step_ptr, step_stride,
         PRED: tl.constexpr, CLIP: tl.constexpr, GUIDE: tl.constexpr,
-        HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr, COUNTER: tl.constexpr = False,
     ):
         """One DDIM step (ADM ``ddim_sample`` + ``condition_score``, spec §5) on one block of one row.
 
@@ -271,7 +289,10 @@ if triton is not None:
         # x_prev = x0 sqrt(acp) + sqrt(1 - acp - sigma^2) eps + sigma z   (DDIM eq. 12)
         eps = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
         mean = x0 * sqrt_acp + ddim_dir * eps
-        z = tl.load(z_ptr + b * n + i, mask=mask, other=0.0)
+        if COUNTER:
+            z = counter_normal_block(seed_ptr, step_ptr, b, step_stride, tl.program_id(1), BLOCK)
+        else:
+            z = tl.load(z_ptr + b * n + i, mask=mask, other=0.0)
         tl.store(out_ptr + b * n + i, mean + noise_scale * z, mask=mask)
 
 
@@ -288,7 +309,7 @@ def _check_tensor(name: str, t: Tensor, x: Tensor, dtypes: tuple[torch.dtype, ..
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton step kernel takes {', '.join(map(str, dtypes))}")
 
 
-def _check_shapes(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, guide: str, fresh: Tensor | None,
+def _check_shapes(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, guide: str, fresh: Tensor | None,
                   h: Tensor | None, learned_var: bool, cfg_channels: int | None, out: Tensor | None) -> None:
     """Shapes and dtypes the fused kernel relies on, with what to fix (ValueError / TypeError)."""
     if not isinstance(x, Tensor) or x.dim() < 2:
@@ -302,9 +323,10 @@ def _check_shapes(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, gui
     if tuple(model_out.shape) != want:
         raise ValueError(f"model_out has shape {tuple(model_out.shape)}; expected {list(want)} (x's shape"
                          f"{', with 2C channels (eps, variance) since learned_var=True' if learned_var else ''})")
-    _check_tensor("noise", noise, x, (torch.float32,))
-    if noise.shape != x.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected x's shape {tuple(x.shape)}")
+    if noise is not None:  # else counter-based noise (checked by check_noise_args)
+        _check_tensor("noise", noise, x, (torch.float32,))
+        if noise.shape != x.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected x's shape {tuple(x.shape)}")
     _check_tensor("coef", coef, x, (torch.float32,))
     if coef.dim() != 2 or coef.shape[0] not in (1, batch) or coef.shape[1] != NUM_COLS:
         raise ValueError(f"coef has shape {tuple(coef.shape)}; expected [{batch}, {NUM_COLS}] (one table row per "
@@ -349,38 +371,116 @@ def _guided_limit(n: int, chans: int, guide: str, cfg_channels: int | None) -> i
     return cfg_channels * (n // chans)
 
 
-def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor, *, guide: str,
-            fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
-            cfg_channels: int | None, out: Tensor | None) -> Tensor:
-    """Validate, lay out as [B, n] / [B, k n], allocate, launch the family's kernel on a (B, blocks) grid."""
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a launch needs that depends only on the call's signature (shapes, strides, dtypes, devices,
+    modes): the grid-bound kernel, its scalar arguments and constexprs, and how ``h`` / ``out`` are written."""
+
+    launch: Any                       # kernel[grid], or None for an empty batch / row
+    scalars: tuple[int, ...]          # n, o_row, f_row, c_row, c_col, guided_limit
+    constexprs: dict[str, Any]
+    fast: bool                        # every tensor contiguous, out float32: no copies around the launch
+    device_index: int | None          # CUDA device of x (the launch must run there), None on the CPU
+    step_stride: int                  # COUNTER: 1 when step_index holds one value per row, else 0
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256  # signatures kept (a sampler uses a handful); the cache is cleared when it fills up
+
+
+def _meta(t: Any) -> tuple | None:
+    """What a plan depends on about one argument (the stride tuple also says whether it is contiguous); for a
+    non-tensor (an int step index) only its type."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        return (type(t),)
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _plan(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, guide: str,
+          fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
+          cfg_channels: int | None, out: Tensor | None, seeds: Tensor | None,
+          step_index: int | Tensor | None) -> _Plan:
+    """Validate a new signature and work out its launch (the slow path, once per signature)."""
     check_step_args(guide, fresh, h, cfg_channels if isinstance(cfg_channels, int) else None, prediction)
     _check_shapes(x, model_out, coef, noise, guide, fresh, h, learned_var, cfg_channels, out)
+    check_noise_args(x, noise, seeds, step_index)
     _check_runnable(x)
     batch, n = x.shape[0], math.prod(x.shape[1:])
-    xc, oc, zc = x.contiguous(), model_out.contiguous(), noise.contiguous()
-    fc = fresh.contiguous() if fresh is not None else None
-    hc = h if h is None or h.is_contiguous() else h.contiguous()  # written back below when copied
-    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
-    dst = out if direct else torch.empty_like(xc, memory_format=torch.contiguous_format)
+    counter = noise is None  # counter-based noise, computed in the kernel (rng.py layout)
+    if counter and n > 1 << 34:
+        raise ValueError(f"counter-based noise covers at most 2^34 elements per row, got {n}")
+    launch = None
     if batch > 0 and n > 0:
         blocks = triton.cdiv(n, BLOCK)
         if blocks > _MAX_GRID_Y and x.device.type == "cuda":
             raise ValueError(f"a row of x has {n} elements, more than {_MAX_GRID_Y * BLOCK} that one launch covers")
-        kernel, extra = (_ddpm_step_kernel, {"LEARNED": bool(learned_var)}) if family == "ddpm" \
-            else (_ddim_step_kernel, {})
-        kernel[(batch, blocks)](
-            xc, oc, coef, zc, fc if fc is not None else xc, hc if hc is not None else xc, dst,
-            n, math.prod(oc.shape[1:]), math.prod(fc.shape[1:]) if fc is not None else n,
-            coef.stride(0) if coef.shape[0] > 1 else 0, coef.stride(1),
-            _guided_limit(n, x.shape[1], guide, cfg_channels),
-            PRED=_PRED_CODE[prediction], CLIP=bool(clip), GUIDE=_GUIDE_CODE[guide],
-            HAS_FRESH=fresh is not None, HAS_H=h is not None, BLOCK=BLOCK, **extra,
-            enable_fp_fusion=False,  # no FMA contraction: the reference's ops round one at a time
-        )
-    if hc is not None and hc is not h:
-        h.copy_(hc)
-    if out is not None and not direct:
-        return out.copy_(dst)
+        launch = (_ddpm_step_kernel if family == "ddpm" else _ddim_step_kernel)[(batch, blocks)]
+    constexprs = dict(PRED=_PRED_CODE[prediction], CLIP=bool(clip), GUIDE=_GUIDE_CODE[guide],
+                      HAS_FRESH=fresh is not None, HAS_H=h is not None, BLOCK=BLOCK, COUNTER=counter,
+                      enable_fp_fusion=False)  # no FMA contraction: the reference's ops round one at a time
+    if family == "ddpm":
+        constexprs["LEARNED"] = bool(learned_var)
+    scalars = (n, math.prod(model_out.shape[1:]), math.prod(fresh.shape[1:]) if fresh is not None else n,
+               coef.stride(0) if coef.shape[0] > 1 else 0, coef.stride(1),
+               _guided_limit(n, x.shape[1], guide, cfg_channels))
+    fast = all(t is None or t.is_contiguous() for t in (x, model_out, noise, fresh, h, seeds)) and \
+        (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+    step_stride = 1 if counter and isinstance(step_index, Tensor) and step_index.numel() > 1 else 0
+    return _Plan(launch, scalars, constexprs, fast, x.device.index if x.device.type == "cuda" else None,
+                 step_stride)
+
+
+def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, *, guide: str,
+            fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
+            cfg_channels: int | None, out: Tensor | None, seeds: Tensor | None = None,
+            step_index: int | Tensor | None = None) -> Tensor:
+    """Validate (once per signature), lay out as [B, n] / [B, k n], allocate, launch on a (B, blocks) grid.
+
+    The host cost matters at small sizes without CUDA graphs (the kernel itself runs for microseconds), so a
+    signature seen before skips the checks and the argument arithmetic: its :class:`_Plan` is looked up by
+    the shapes, strides, dtypes and devices of the tensors and the mode arguments, which is all the checks read.
+    """
+    key = (family, guide, prediction, bool(learned_var), bool(clip), cfg_channels, type(cfg_channels),
+           _meta(x), _meta(model_out), _meta(coef), _meta(noise), _meta(fresh), _meta(h), _meta(out),
+           _meta(seeds), _meta(step_index))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(family, x, model_out, coef, noise, guide, fresh, h, prediction, learned_var, clip,
+                     cfg_channels, out, seeds, step_index)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    counter = noise is None
+    if plan.fast:  # the hot path: no copies, no allocation when out is given
+        xc, oc, zc, fc, hc, sc = x, model_out, noise, fresh, h, seeds
+        dst = out if out is not None else torch.empty_like(x)
+    else:
+        xc, oc = x.contiguous(), model_out.contiguous()
+        zc = None if counter else noise.contiguous()
+        sc = seeds.contiguous() if counter else None
+        fc = fresh.contiguous() if fresh is not None else None
+        hc = h if h is None or h.is_contiguous() else h.contiguous()  # written back below when copied
+        direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+        dst = out if direct else torch.empty_like(xc, memory_format=torch.contiguous_format)
+    if plan.launch is not None:
+        if counter:
+            jc = step_index if isinstance(step_index, Tensor) and step_index.dtype == torch.int64 \
+                and step_index.is_contiguous() else torch.as_tensor(step_index, dtype=torch.int64, device=x.device)
+            jc = jc.reshape(-1)
+        args = (xc, oc, coef, xc if counter else zc, fc if fc is not None else xc, hc if hc is not None else xc,
+                dst, *plan.scalars, sc if counter else xc, jc if counter else xc, plan.step_stride)
+        if plan.device_index is None or plan.device_index == torch.cuda.current_device():
+            plan.launch(*args, **plan.constexprs)
+        else:  # Triton launches on the current device's stream: make it x's device (e.g. x on cuda:1)
+            with torch.cuda.device(plan.device_index):
+                plan.launch(*args, **plan.constexprs)
+    if not plan.fast:
+        if hc is not None and hc is not h:
+            h.copy_(hc)
+        if out is not None and dst is not out:
+            return out.copy_(dst)
     return dst
 
 
@@ -388,7 +488,7 @@ def ddpm_step_triton(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -398,6 +498,8 @@ def ddpm_step_triton(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One fused DDPM ancestral step (spec §5), returns x_{t-1}; semantics of
     :func:`cg_fast.kernels.reference.ddpm_step_ref`.
@@ -407,7 +509,10 @@ def ddpm_step_triton(
         model_out:    eps / x0 / v (``prediction``), [B, C, ...] or [B, 2C, ...] with ``learned_var``;
                       float16, bfloat16 or float32 (upcast in the kernel).
         coef:         float32 [B, NUM_COLS] (or [1, NUM_COLS]) table rows, any strides.
-        noise:        z, float32 like x.
+        noise:        z, float32 like x; or None for counter-based noise computed in the kernel from
+                      ``seeds`` (int64 [B], one sample seed per row) and ``step_index`` (an int, or an int64
+                      tensor of 1 or B values on x's device, read by the kernel: CUDA graphs need no
+                      re-capture per step); layout and tolerance in :mod:`cg_fast.kernels.rng`.
         guide:        "none" | "classifier" (``fresh`` = g like x) | "cfg" (``fresh`` = unconditional output
                       laid out like model_out, only its first C channels are read).
         fresh:        fresh guidance of this step, or None at a skipped step.
@@ -416,14 +521,15 @@ def ddpm_step_triton(
         out:          where to write x_{t-1} (may alias x); allocated when None.
     """
     return _launch("ddpm", x, model_out, coef, noise, guide=guide, fresh=fresh, h=h, prediction=prediction,
-                   learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out)
+                   learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out, seeds=seeds,
+                   step_index=step_index)
 
 
 def ddim_step_triton(
     x: Tensor,
     model_out: Tensor,
     coef: Tensor,
-    noise: Tensor,
+    noise: Tensor | None,
     *,
     guide: str = "none",
     fresh: Tensor | None = None,
@@ -433,10 +539,13 @@ def ddim_step_triton(
     clip: bool = True,
     cfg_channels: int | None = None,
     out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
 ) -> Tensor:
     """One fused DDIM step (spec §5, ``eps' = eps - sqrt(1 - alpha_bar) s a``), returns x_{t-1}; semantics of
     :func:`cg_fast.kernels.reference.ddim_step_ref`. Arguments as :func:`ddpm_step_triton`; the variance
     channels of a learned-variance output are not read.
     """
     return _launch("ddim", x, model_out, coef, noise, guide=guide, fresh=fresh, h=h, prediction=prediction,
-                   learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out)
+                   learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out, seeds=seeds,
+                   step_index=step_index)

@@ -6,7 +6,9 @@
 //   1. (CFG only) the CFG combine and the cache update, into a stage buffer of guided eps (spec §6);
 //   2. (DDPM, learned variance) log Var from the variance channel, then exp(log Var) and exp(0.5 log Var) on
 //      the stage buffers with torch's own exp (see "exp" below);
-//   3. one loop over the chunk that reads x, the model output, z, g and h, and writes h and x' (DDPM: x0, mean,
+//   3. (counter-based noise) z of the chunk into a stage buffer: Philox4x32-10 and Box-Muller with torch's own
+//      log / cos / sin (cg_fast/kernels/rng.py, csrc/philox.h), instead of reading a noise tensor;
+//   4. one loop over the chunk that reads x, the model output, z, g and h, and writes h and x' (DDPM: x0, mean,
 //      guidance, noise; DDIM: x0, score shift, DDIM update).
 // The loops are branch-free (modes are template parameters or loop invariants) under `#pragma omp simd`, so
 // GCC vectorises them; the chunk function is compiled for AVX-512, AVX2 and the baseline ISA (target_clones).
@@ -44,6 +46,7 @@
 #define CG_FAST_X86_SLEEF 0
 #endif
 
+#include "../philox.h"
 #include "../step_args.h"
 #include "../step_check.h"
 #include "../step_math.h"
@@ -76,6 +79,9 @@
 extern "C" {
 // mkl_vml_functions.h, LP64 interface (MKL_INT = int), as linked into the PyTorch wheels.
 void vmsExp(int n, const float* a, float* r, long long mode);
+void vmsLn(int n, const float* a, float* r, long long mode);  // torch.log (counter-based noise)
+void vmsCos(int n, const float* a, float* r, long long mode);  // torch.cos
+void vmsSin(int n, const float* a, float* r, long long mode);  // torch.sin
 }
 #define CG_FAST_HAVE_MKL 1
 #else
@@ -88,6 +94,12 @@ void vmsExp(int n, const float* a, float* r, long long mode);
 extern "C" {
 __m512 Sleef_expf16_u10(__m512);
 __m256 Sleef_expf8_u10(__m256);
+__m512 Sleef_logf16_u10(__m512);
+__m256 Sleef_logf8_u10(__m256);
+__m512 Sleef_cosf16_u10(__m512);
+__m256 Sleef_cosf8_u10(__m256);
+__m512 Sleef_sinf16_u10(__m512);
+__m256 Sleef_sinf8_u10(__m256);
 }
 #endif
 
@@ -106,25 +118,47 @@ constexpr long long kVmlErrmodeIgnore = 0x00000100;  // VML_ERRMODE_IGNORE
 constexpr long long kVmlMode = kVmlHa | kVmlFtzdazOff | kVmlErrmodeIgnore;
 #endif
 
+// The transcendental functions the kernels call: exp (the step), and log / cos / sin (counter-based noise,
+// Box-Muller; rng.py item 5), each the function torch calls for it on this build.
+enum class Fn { kExp, kLog, kCos, kSin };
+
 #if CG_FAST_X86_SLEEF
-__attribute__((target("avx512f"))) void exp_sleef16(float* out, const float* in, int64_t n) {
+template <Fn F>
+__attribute__((target("avx512f"))) inline __m512 sleef16(__m512 v) {
+  if constexpr (F == Fn::kExp) return Sleef_expf16_u10(v);
+  if constexpr (F == Fn::kLog) return Sleef_logf16_u10(v);
+  if constexpr (F == Fn::kCos) return Sleef_cosf16_u10(v);
+  return Sleef_sinf16_u10(v);
+}
+
+template <Fn F>
+__attribute__((target("avx2,fma"))) inline __m256 sleef8(__m256 v) {
+  if constexpr (F == Fn::kExp) return Sleef_expf8_u10(v);
+  if constexpr (F == Fn::kLog) return Sleef_logf8_u10(v);
+  if constexpr (F == Fn::kCos) return Sleef_cosf8_u10(v);
+  return Sleef_sinf8_u10(v);
+}
+
+template <Fn F>
+__attribute__((target("avx512f"))) void map_sleef16(float* out, const float* in, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Sleef_expf16_u10(_mm512_loadu_ps(in + i)));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, sleef16<F>(_mm512_loadu_ps(in + i)));
   if (i < n) {  // the tail as one zero-padded vector, as vec::map does
     alignas(64) float buf[16] = {0};
     std::memcpy(buf, in + i, sizeof(float) * (n - i));
-    _mm512_store_ps(buf, Sleef_expf16_u10(_mm512_load_ps(buf)));
+    _mm512_store_ps(buf, sleef16<F>(_mm512_load_ps(buf)));
     std::memcpy(out + i, buf, sizeof(float) * (n - i));
   }
 }
 
-__attribute__((target("avx2,fma"))) void exp_sleef8(float* out, const float* in, int64_t n) {
+template <Fn F>
+__attribute__((target("avx2,fma"))) void map_sleef8(float* out, const float* in, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Sleef_expf8_u10(_mm256_loadu_ps(in + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, sleef8<F>(_mm256_loadu_ps(in + i)));
   if (i < n) {
     alignas(32) float buf[8] = {0};
     std::memcpy(buf, in + i, sizeof(float) * (n - i));
-    _mm256_store_ps(buf, Sleef_expf8_u10(_mm256_load_ps(buf)));
+    _mm256_store_ps(buf, sleef8<F>(_mm256_load_ps(buf)));
     std::memcpy(out + i, buf, sizeof(float) * (n - i));
   }
 }
@@ -150,27 +184,41 @@ ExpImpl exp_impl() {
   return impl;
 }
 
-// out[i] = exp(in[i]) for 0 <= i < n (n <= kChunk); out may equal in.
-void exp_f32(float* out, const float* in, int64_t n) {
+template <Fn F>
+float std_fn(float v) {
+  if constexpr (F == Fn::kExp) return std::exp(v);
+  if constexpr (F == Fn::kLog) return std::log(v);
+  if constexpr (F == Fn::kCos) return std::cos(v);
+  return std::sin(v);
+}
+
+// out[i] = F(in[i]) for 0 <= i < n (n <= kChunk); out may equal in.
+template <Fn F>
+void map_f32(float* out, const float* in, int64_t n) {
   switch (exp_impl()) {
 #if CG_FAST_HAVE_MKL
     case ExpImpl::kMkl:
-      vmsExp(static_cast<int>(n), in, out, kVmlMode);
+      if constexpr (F == Fn::kExp) vmsExp(static_cast<int>(n), in, out, kVmlMode);
+      if constexpr (F == Fn::kLog) vmsLn(static_cast<int>(n), in, out, kVmlMode);
+      if constexpr (F == Fn::kCos) vmsCos(static_cast<int>(n), in, out, kVmlMode);
+      if constexpr (F == Fn::kSin) vmsSin(static_cast<int>(n), in, out, kVmlMode);
       return;
 #endif
 #if CG_FAST_X86_SLEEF
     case ExpImpl::kSleef16:
-      exp_sleef16(out, in, n);
+      map_sleef16<F>(out, in, n);
       return;
     case ExpImpl::kSleef8:
-      exp_sleef8(out, in, n);
+      map_sleef8<F>(out, in, n);
       return;
 #endif
     default:
-      for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
+      for (int64_t i = 0; i < n; ++i) out[i] = std_fn<F>(in[i]);
       return;
   }
 }
+
+void exp_f32(float* out, const float* in, int64_t n) { map_f32<Fn::kExp>(out, in, n); }
 
 float exp_scalar(float v) {
   float r;
@@ -309,6 +357,117 @@ CG_INLINE void loop_ddim(float* out, const float* x, const float* CG_RESTRICT ep
   }
 }
 
+// Counter-based noise (cg_fast/kernels/rng.py items 2-5). Philox4x32-10 of the quads q0 .. q0 + quads - 1 of
+// one row: w[m][k] = word m of quad q0 + k. Integer arithmetic only: every version gives the same bits.
+constexpr int64_t kQuads = kChunk / 4;  // quads per chunk (a multiple of 16)
+
+#if CG_FAST_X86_SLEEF
+// (hi, lo) of the 16 products a * m: vpmuludq on the even and the odd lanes, recombined. (The maskz forms with
+// a full mask are the plain instructions; the unmasked intrinsics trip GCC 12's -Wmaybe-uninitialized.)
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  constexpr __mmask8 kAll = 0xFF;
+  const __m512i even = _mm512_maskz_mul_epu32(kAll, a, m);
+  const __m512i odd = _mm512_maskz_mul_epu32(kAll, _mm512_maskz_srli_epi64(kAll, a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_maskz_slli_epi64(kAll, odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_maskz_srli_epi64(kAll, even, 32), odd);
+}
+
+// 16 quads per iteration (the compiler's own vectorisation of philox4x32_10 is ~3x slower: it widens to
+// 64-bit lanes); rounds the quad count up to 16 (the buffers hold kQuads).
+__attribute__((target("avx512f"))) void philox_words_avx512(uint32_t (*w)[kQuads], uint32_t q0, int64_t quads,
+                                                            uint32_t step, uint32_t k0, uint32_t k1) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  __m512i key0[10], key1[10];  // the bumped keys of the ten rounds (rng.py item 1)
+  for (int r = 0; r < 10; ++r) {
+    key0[r] = _mm512_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(r) * kPhiloxW0));
+    key1[r] = _mm512_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(r) * kPhiloxW1));
+  }
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t k = 0; k < quads; k += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(q0 + static_cast<uint32_t>(k))), iota);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(step));
+    __m512i c2 = _mm512_setzero_si512();
+    __m512i c3 = _mm512_set1_epi32(static_cast<int>(kDomainNoise));
+    for (int r = 0; r < 10; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, key0[r], 0x96);  // hi1 ^ c1 ^ k0
+      c1 = lo1;
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, key1[r], 0x96);  // hi0 ^ c3 ^ k1
+      c3 = lo0;
+    }
+    _mm512_storeu_si512(w[0] + k, c0);
+    _mm512_storeu_si512(w[1] + k, c1);
+    _mm512_storeu_si512(w[2] + k, c2);
+    _mm512_storeu_si512(w[3] + k, c3);
+  }
+}
+
+// The AVX-512 path where the CPU has it, unless ATEN_CPU_CAPABILITY asks torch for another ISA (which also
+// lets the tests run the portable loop on an AVX-512 machine).
+bool use_avx512_philox() {
+  static const bool yes = [] {
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    const bool allowed = cap == nullptr || *cap == '\0' || std::string(cap) == "avx512" || std::string(cap) == "AVX512";
+    return allowed && __builtin_cpu_supports("avx512f");
+  }();
+  return yes;
+}
+#endif
+
+CG_INLINE void philox_words(uint32_t (*w)[kQuads], uint32_t q0, int64_t quads, uint32_t step, uint32_t k0,
+                            uint32_t k1) {
+#if CG_FAST_X86_SLEEF
+  if (use_avx512_philox()) {
+    philox_words_avx512(w, q0, quads, step, k0, k1);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = 0; k < quads; ++k) {
+    uint32_t c0 = q0 + static_cast<uint32_t>(k), c1 = step, c2 = 0u, c3 = kDomainNoise;
+    philox4x32_10(c0, c1, c2, c3, k0, k1);
+    w[0][k] = c0;
+    w[1][k] = c1;
+    w[2][k] = c2;
+    w[3][k] = c3;
+  }
+}
+
+// z for elements [i0, i0 + len) of one row (i0 % 4 == 0): the Philox words of the chunk's quads, then
+// Box-Muller with the log / cos / sin torch calls on this build, so that z is bitwise rng.counter_normal.
+// Buffers hold the even pairs (words w0, w1) of the quads first, then the odd pairs (w2, w3).
+CG_INLINE void counter_noise_chunk(float* CG_RESTRICT z, uint64_t seed, uint32_t step, int64_t i0, int64_t len) {
+  alignas(64) uint32_t w[4][kQuads];
+  alignas(64) float r[2 * kQuads];   // u(a), then log u(a); a = w0 (even pairs), w2 (odd pairs)
+  alignas(64) float th[2 * kQuads];  // the angle u(b) * 2 pi; b = w1, w3
+  alignas(64) float cs[2 * kQuads];  // cos(angle)
+  alignas(64) float sn[2 * kQuads];  // sin(angle)
+  const int64_t quads = (len + 3) / 4;
+  philox_words(w, static_cast<uint32_t>(i0 >> 2), quads, step, static_cast<uint32_t>(seed),
+               static_cast<uint32_t>(seed >> 32));
+#pragma omp simd
+  for (int64_t k = 0; k < quads; ++k) {
+    r[k] = philox_uniform(w[0][k]);
+    th[k] = box_muller_angle(philox_uniform(w[1][k]));
+    r[quads + k] = philox_uniform(w[2][k]);
+    th[quads + k] = box_muller_angle(philox_uniform(w[3][k]));
+  }
+  map_f32<Fn::kLog>(r, r, 2 * quads);
+  map_f32<Fn::kCos>(cs, th, 2 * quads);
+  map_f32<Fn::kSin>(sn, th, 2 * quads);
+#pragma omp simd
+  for (int64_t k = 0; k < quads; ++k) {
+    const float ra = box_muller_radius(r[k]), rb = box_muller_radius(r[quads + k]);
+    z[4 * k] = ra * cs[k];  // element 4k: pair 2k, cos; 4k + 1: pair 2k, sin; 4k + 2, 4k + 3: pair 2k + 1
+    z[4 * k + 1] = ra * sn[k];
+    z[4 * k + 2] = rb * cs[quads + k];
+    z[4 * k + 3] = rb * sn[quads + k];
+  }
+}
+
 // Calls f(integral_constant<int, PRED>) for a runtime prediction mode.
 template <typename F>
 CG_INLINE void with_prediction(int pred, F&& f) {
@@ -354,6 +513,7 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
   alignas(64) float var[kChunk];   // learned Var = exp(log Var)
   alignas(64) float lv[kChunk];    // learned log Var, then the noise scale exp(0.5 log Var)
   alignas(64) float hl[kChunk];    // 0.5 * learned log Var
+  alignas(64) float zbuf[kChunk];  // counter-based noise
 
   float c[CG_NUM_COLS];
   std::memcpy(c, p.coef + b * CG_NUM_COLS, sizeof(c));
@@ -362,6 +522,17 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
   const float* g = p.fresh != nullptr ? as_f32(fbuf, p.fresh, p.f_dtype, b * p.f_row + i0, len) : nullptr;
   const float* eps = as_f32(ebuf, p.model_out, p.o_dtype, b * p.o_row + i0, len);
   CacheMode mode = cache_mode(hs, g);
+  // the noise: read, or counter-based (zero where the row's noise scale is zero: DDIM eta = 0, the last step)
+  const float* z = p.noise != nullptr ? p.noise + off : zbuf;
+  if (p.noise == nullptr) {
+    if (c[NONZERO] == 0.0f || (p.method == METHOD_DDIM && c[DDIM_SIGMA] == 0.0f)) {
+      std::memset(zbuf, 0, sizeof(float) * len);
+    } else {
+      const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
+      const uint32_t step = static_cast<uint32_t>(p.step_index[b * p.step_stride]);
+      counter_noise_chunk(zbuf, seed, step, i0, len);
+    }
+  }
 
   // spec §6: classifier-free guidance on the model output (g = eps_u here); the cache update on every
   // channel, the guidance on the first `channels` only. What follows is then unguided.
@@ -398,11 +569,9 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
       with_cache_mode(mode, [&](auto m) __attribute__((always_inline)) {
         constexpr int P = decltype(pred)::value, M = decltype(m)::value;
         if (p.learned_var) {
-          loop_ddpm<P, M, true>(p.out + off, p.x + off, eps, g, hs, var, lv, p.noise + off, c, p.clip, row_scale,
-                                len);
+          loop_ddpm<P, M, true>(p.out + off, p.x + off, eps, g, hs, var, lv, z, c, p.clip, row_scale, len);
         } else {
-          loop_ddpm<P, M, false>(p.out + off, p.x + off, eps, g, hs, var, lv, p.noise + off, c, p.clip, row_scale,
-                                 len);
+          loop_ddpm<P, M, false>(p.out + off, p.x + off, eps, g, hs, var, lv, z, c, p.clip, row_scale, len);
         }
       });
     });
@@ -410,8 +579,8 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
   }
   with_prediction(p.prediction, [&](auto pred) __attribute__((always_inline)) {
     with_cache_mode(mode, [&](auto m) __attribute__((always_inline)) {
-      loop_ddim<decltype(pred)::value, decltype(m)::value>(p.out + off, p.x + off, eps, g, hs, p.noise + off, c,
-                                                           p.clip, len);
+      loop_ddim<decltype(pred)::value, decltype(m)::value>(p.out + off, p.x + off, eps, g, hs, z, c, p.clip,
+                                                           len);
     });
   });
 }
@@ -432,21 +601,23 @@ void run_step_cpu(const StepArgs& p) {
 }
 
 void ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
-                   const at::Tensor& noise, const at::Tensor& out, c10::string_view guide,
+                   const std::optional<at::Tensor>& noise, const at::Tensor& out, c10::string_view guide,
                    const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
-                   c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels) {
+                   c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels,
+                   const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_index) {
   StepTensors t = prepare_step("cg_fast::ddpm_step", METHOD_DDPM, x, model_out, coef, noise, out, guide, fresh,
-                               h, prediction, learned_var, clip, cfg_channels);
+                               h, prediction, learned_var, clip, cfg_channels, seeds, step_index);
   run_step_cpu(t.args);
   t.finish();
 }
 
 void ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
-                   const at::Tensor& noise, const at::Tensor& out, c10::string_view guide,
+                   const std::optional<at::Tensor>& noise, const at::Tensor& out, c10::string_view guide,
                    const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
-                   c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels) {
+                   c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels,
+                   const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_index) {
   StepTensors t = prepare_step("cg_fast::ddim_step", METHOD_DDIM, x, model_out, coef, noise, out, guide, fresh,
-                               h, prediction, learned_var, clip, cfg_channels);
+                               h, prediction, learned_var, clip, cfg_channels, seeds, step_index);
   run_step_cpu(t.args);
   t.finish();
 }

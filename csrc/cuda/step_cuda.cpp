@@ -26,20 +26,22 @@ void run_step_cuda(const char* op, StepTensors& t) {
 }
 
 void ddpm_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
-                    const at::Tensor& noise, const at::Tensor& out, c10::string_view guide,
+                    const std::optional<at::Tensor>& noise, const at::Tensor& out, c10::string_view guide,
                     const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
-                    c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels) {
+                    c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels,
+                    const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_index) {
   StepTensors t = prepare_step("cg_fast::ddpm_step", METHOD_DDPM, x, model_out, coef, noise, out, guide, fresh,
-                               h, prediction, learned_var, clip, cfg_channels);
+                               h, prediction, learned_var, clip, cfg_channels, seeds, step_index);
   run_step_cuda("cg_fast::ddpm_step", t);
 }
 
 void ddim_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
-                    const at::Tensor& noise, const at::Tensor& out, c10::string_view guide,
+                    const std::optional<at::Tensor>& noise, const at::Tensor& out, c10::string_view guide,
                     const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
-                    c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels) {
+                    c10::string_view prediction, bool learned_var, bool clip, std::optional<int64_t> cfg_channels,
+                    const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_index) {
   StepTensors t = prepare_step("cg_fast::ddim_step", METHOD_DDIM, x, model_out, coef, noise, out, guide, fresh,
-                               h, prediction, learned_var, clip, cfg_channels);
+                               h, prediction, learned_var, clip, cfg_channels, seeds, step_index);
   run_step_cuda("cg_fast::ddim_step", t);
 }
 
