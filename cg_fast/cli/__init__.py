@@ -1,5 +1,7 @@
-"""Command line: ``cg-fast demo`` (the built-in default job), ``cg-fast train-testbed`` and ``cg-fast plan``.
+"""Command line (``cg-fast``, also ``python -m cg_fast``): ``sample`` (the sharded sampling job, cli/sample.py),
+``demo`` (the built-in default job), ``train-testbed`` and ``plan``.
 
+    cg-fast sample --model 64x64_diffusion.pt --classifier 64x64_classifier.pt --num_samples 50000
     cg-fast demo                      policies compared on the trained digits testbed (~1.5 min)
     cg-fast demo --quick              a smaller run (fewer samples and steps)
     cg-fast demo --testbed gmm        policies compared on the exact Gaussian-mixture testbed (~30 s)
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .policies import POLICY_NAMES, gaps, make_policy
+from ..policies import POLICY_NAMES, gaps, make_policy
 
 # Presets of the demos, documented one per line (what each option's default means).
 DEMO_PRESETS = {
@@ -27,10 +29,34 @@ DIGITS_PRESETS = {
 }
 
 
-def _path(value: str | None, default: str) -> Path | None:
+def _path(value: str | None, default: str | Path) -> Path | None:
     """An output path option: None (not given) is the testbed's default, '' is none."""
     value = default if value is None else value
     return Path(value) if value else None
+
+
+def _figure(args: argparse.Namespace, out: Path | None, default: str) -> Path | None:
+    """The figure path: --plot, else beside the results file (out/run2.json -> out/run2.png), else ``default``.
+    Both are checked for writing before any sampling."""
+    from ..runs import check_writable
+    if out is not None:
+        check_writable(out, "results file")
+    figure = _path(args.plot, out.with_suffix(".png") if out is not None else default)
+    if figure is not None:
+        if figure == out:
+            raise ValueError(f"--plot and --out both name {out}: give the figure another name")
+        check_writable(figure, "figure")
+    return figure
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_digits(args: argparse.Namespace) -> int:
-    from .demo import DigitsDemoConfig, format_digits_table, plot_digits_demo, run_digits_demo
+    from ..demo import DigitsDemoConfig, format_digits_table, plot_digits_demo, run_digits_demo
 
     preset = dict(DIGITS_PRESETS["quick" if args.quick else "default"])
     for key, value in (("num_samples", args.samples), ("seeds", args.seeds), ("steps", args.steps)):
@@ -56,14 +82,15 @@ def _demo_digits(args: argparse.Namespace) -> int:
               "accuracy on the intended labels of a classifier of the guide's architecture trained on the other "
               "half of the data (off-sampling); MLP judge: another architecture; guide acc: the guiding "
               "classifier's own (on-sampling).")
+    figure = _figure(args, out, "out/demo.png")
     return _run_and_report(
         lambda samples: run_digits_demo(cfg, out=out, grids=grids, progress=args.progress, keep_samples=samples),
-        format_digits_table, legend, out, _path(args.plot, "out/demo.png"), plot_digits_demo,
-        f"sample grids (a column per class): {grids}/demo_*.png" if grids else None)
+        format_digits_table, legend, out, figure, plot_digits_demo,
+        f"sample grids (a column per class): {grids}/{out.stem}_*.png" if out is not None else None)
 
 
 def _demo_gmm(args: argparse.Namespace) -> int:
-    from .demo_gmm import DemoConfig, format_table, plot_demo, run_demo
+    from ..demo_gmm import DemoConfig, format_table, plot_demo, run_demo
 
     preset = dict(DEMO_PRESETS["quick" if args.quick else "default"])
     if args.samples is not None:
@@ -78,8 +105,9 @@ def _demo_gmm(args: argparse.Namespace) -> int:
           f"{len(cfg.seeds)} seeds", flush=True)
     legend = ("sliced W2: per-class sliced Wasserstein-2 to exact samples of p(x|y); the 'exact' row is the "
               f"noise floor (two exact sets). mean ± std over seeds {cfg.seeds}.")
+    figure = _figure(args, out, "out/demo_gmm.png")
     return _run_and_report(lambda samples: run_demo(cfg, out=out, progress=args.progress, keep_samples=samples),
-                           format_table, legend, out, _path(args.plot, "out/demo_gmm.png"), plot_demo)
+                           format_table, legend, out, figure, plot_demo)
 
 
 def _run_and_report(run: Callable[[dict], dict], table: Callable[[dict], str], legend: str, out: Path | None,
@@ -106,8 +134,8 @@ def _run_and_report(run: Callable[[dict], dict], table: Callable[[dict], str], l
 
 
 def _train_testbed(args: argparse.Namespace) -> int:
-    from .testbeds.digits_train import RECIPE, train_testbed
-    from .testbeds.gmm_trained import train_and_save_default
+    from ..testbeds.digits_train import RECIPE, train_testbed
+    from ..testbeds.gmm_trained import train_and_save_default
 
     only = args.only or [*RECIPE, "gmm"]
     unknown = [n for n in only if n not in RECIPE and n != "gmm"]
@@ -143,15 +171,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import sample
+
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
+    sample.add_parser(sub)
 
     d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
     d.add_argument("--testbed", default="digits", choices=["digits", "gmm"],
                    help="digits (default): the shipped trained networks; gmm: the exact Gaussian mixture")
     d.add_argument("--quick", action="store_true",
                    help="small run (digits: 100 samples, 50 steps; gmm: 800 samples, one seed)")
-    d.add_argument("--samples", type=int, default=None, help="samples per run (default digits 500, gmm 4000)")
+    d.add_argument("--samples", type=_positive_int, default=None,
+                   help="samples per run (default digits 500, gmm 4000; at least 2 per class)")
     d.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default digits 0; gmm 0 1 2)")
     d.add_argument("--steps", default=None, help="ADM respacing string (default '250')")
     d.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default ddpm)")
@@ -160,12 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weights", default=None,
                    help="digits: a folder written by `cg-fast train-testbed` (default: the shipped weights)")
     d.add_argument("--out", default=None,
-                   help="results JSON, written after every run; a rerun resumes (default out/demo.json, gmm "
-                        "out/demo_gmm.json; '' = none). Digits sample grids go beside it")
+                   help="results JSON, written after every run; a rerun with the same settings resumes, one with "
+                        "other settings is refused (default out/demo.json, gmm out/demo_gmm.json; '' = none). "
+                        "Digits sample grids <stem>_<policy>.png/.npz go beside it")
     d.add_argument("--progress", action="store_true", help="progress bar per sampling run")
     d.add_argument("--plot", default=None,
-                   help="figure: quality vs cost and samples (default out/demo.png, gmm out/demo_gmm.png; "
-                        "'' = none; needs matplotlib)")
+                   help="figure: quality vs cost and samples (default: the results file's name with .png, "
+                        "out/demo.png, gmm out/demo_gmm.png; '' = none; needs matplotlib)")
     d.set_defaults(func=_demo)
 
     tr = sub.add_parser("train-testbed", help="retrain the shipped testbed weights (minutes on a CPU)")
@@ -189,10 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sample":  # only `sample` passes guided-diffusion's flags through
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from ..backends import BackendUnavailable
+    from ..models.loading import CheckpointError
+
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as e:
+        return args.func(args, extra) if args.command == "sample" else args.func(args)
+    except (ValueError, TypeError, CheckpointError, BackendUnavailable, FileNotFoundError) as e:
         print(f"cg-fast: error: {e}", file=sys.stderr)
         return 2
 
