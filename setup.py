@@ -4,7 +4,8 @@ Metadata lives in pyproject.toml; this file only adds the compiled extensions:
 
     cg_fast._C       csrc/ops.cpp (schemas, TORCH_LIBRARY) + csrc/cpu/step.cpp (CPU kernels, OpenMP)
     cg_fast._C_cuda  csrc/cuda/step_cuda.cpp + csrc/cuda/step.cu (CUDA kernels); only with a CUDA build of
-                     torch and nvcc (CUDA_HOME)
+                     torch and an nvcc of the same CUDA major version (CUDA_HOME); otherwise it is left
+                     out, saying why, and the CPU extension is still built
 
 They are compiled against the torch that is installed, so build with ``pip install --no-build-isolation``
 (``make install`` does). torch is deliberately not a build requirement: an isolated build would download
@@ -19,7 +20,9 @@ warning, same results). Environment variables:
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -27,8 +30,9 @@ from setuptools import setup
 # Bitwise agreement with the PyTorch reference needs IEEE float32 evaluation in source order: no FMA
 # contraction (GCC contracts a * b + c by default), no -ffast-math. -O3 + OpenMP simd vectorise the loops.
 # -fvisibility=hidden: only PyInit_* is exported, inline helpers are never called through the PLT.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp", "-fvisibility=hidden",
-             "-Wall", "-Wno-psabi"]
+# -fno-math-errno: sqrt (counter-based noise) inlined as the IEEE instruction and vectorised; no value changes.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fno-math-errno", "-fopenmp",
+             "-fvisibility=hidden", "-Wall", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]  # no FMA contraction on the GPU either (CUDA kernels, csrc/cuda/step.cu)
 LINK_FLAGS = ["-fopenmp"]
 
@@ -39,6 +43,33 @@ def _say(msg: str) -> None:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
+
+
+def nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release of ``nvcc`` ("12.4"), from ``nvcc --version``; None when it cannot be run or read."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def cuda_mismatch(torch_cuda: str | None, nvcc: str | None) -> str | None:
+    """Why the CUDA extension cannot be built with this nvcc for this torch, or None when it can.
+
+    torch's BuildExtension refuses an nvcc whose CUDA major version differs from the one torch was built with
+    (a RuntimeError raised before any extension is compiled, which would cost the CPU operators too), so
+    the versions are compared first and only the CUDA extension is left out. Another minor version is fine.
+    """
+    if torch_cuda is None:
+        return "torch has no CUDA"
+    if nvcc is None:
+        return "the CUDA version of nvcc could not be read (nvcc --version)"
+    if nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"nvcc is CUDA {nvcc} but torch was built with CUDA {torch_cuda}: the major versions must match "
+                "(point CUDA_HOME at a matching toolkit)")
+    return None
 
 
 def _extensions() -> tuple[list, dict]:
@@ -74,6 +105,9 @@ def _extensions() -> tuple[list, dict]:
         _say(f"torch {torch.__version__} has no CUDA: building the CPU operators only")
     elif not nvcc or not (os.path.exists(nvcc) or shutil.which("nvcc")):
         _say("nvcc not found (set CUDA_HOME): building the CPU operators only")
+    elif (why := cuda_mismatch(torch.version.cuda, nvcc_release(nvcc if os.path.exists(nvcc) else "nvcc"))):
+        _say(f"not building the CUDA operators: {why}. Building the CPU operators only (on CUDA tensors cg_fast "
+             "uses the Triton step kernels).")
     else:
         exts.append(
             CUDAExtension(
@@ -94,6 +128,12 @@ def _extensions() -> tuple[list, dict]:
             except Exception as err:
                 if not all(ext.optional for ext in self.extensions):
                     raise
+                cuda = [ext for ext in self.extensions if ext.name == "cg_fast._C_cuda"]
+                if cuda and len(cuda) < len(self.extensions):  # torch's checks of the CUDA toolchain failed
+                    _say(f"torch's CUDA toolchain check failed ({type(err).__name__}: {err}); leaving out the CUDA "
+                         "operators and building the CPU operators only.")
+                    self.extensions = [ext for ext in self.extensions if ext not in cuda]
+                    return self.build_extensions()
                 _say(f"cannot build the csrc operators ({type(err).__name__}: {err}); continuing without them: "
                      "cg_fast falls back to the PyTorch reference step kernels. Set CG_FAST_REQUIRE_CSRC=1 to make "
                      "this an error.")
@@ -111,5 +151,6 @@ def _extensions() -> tuple[list, dict]:
     return exts, {"build_ext": BuildCsrc}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import its helpers
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

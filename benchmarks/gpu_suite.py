@@ -2,15 +2,26 @@
 
     python benchmarks/gpu_suite.py --out "$OUT"            # then copy $OUT/gpu_suite.json to benchmarks/results/
 
-Sections (each guarded: an error is recorded and the suite goes on; the JSON is rewritten after each):
+Every section runs in its own process (``--section NAME``, with a timeout), so a sticky CUDA error, a hang or
+a crash costs that section only; the parent merges what each child wrote (partial results included) into
+one ``gpu_suite.json``, rewritten after every section. Sections:
   env          GPU, torch, triton versions
-  correctness  pytest tests/test_gpu.py (whole-step graphs vs eager, Triton vs reference, graphed classifier)
-  kernels      the Triton fused step vs the PyTorch reference and vs a copy of the same bytes (issue 4)
-  forward      per-call ms of the denoisers and the classifier gradient, eager vs CUDA graph, fp16/bf16 (issue 3)
+  correctness  pytest tests/test_gpu.py (whole-step graphs vs eager, Triton vs reference over every variant,
+               the CUDA csrc op eager and in a graph vs Triton, graphed classifier) and tests/test_rng.py
+  models       small real models, eager vs whole-step CUDA graphs: ADM-64 fp16 with its classifier (CompG),
+               DiT-XL/2 bf16 with CFG (random weights, 10 DDPM steps, batch 2), max difference and time
+  kernels      the Triton fused step vs the PyTorch reference, the CUDA op and a copy of the same bytes, as
+               CUDA-graph replays, plus the wrapper's host cost (benchmarks/bench_step_triton.py)
+  rng          the Triton step with in-kernel counter-based noise vs normal_ + step vs a copy (issue 12)
+  forward      per-call ms of the denoisers and the classifier gradient, eager vs CUDA graph, fp16/bf16
   sampling     whole 50-step DDPM runs: CompG (rate 5, k 1: 12 guided steps), full guidance and unguided, per
-               backend (issue 5), with the targets of the issues and the peer figures of gpu-anchors.md
+               backend, with the targets of the issues and the peer figures of gpu-anchors.md
 Random weights throughout (speed does not depend on them). Figures are comparable only within one run.
 Models are built one at a time on the device and freed (with their captured graphs) before the next.
+
+Determinism: "the same samples twice" (sampling) and eager vs graph (models) are compared with a stated
+tolerance (``SAME_TOL``), since the timing sections let cuDNN pick its fastest (not always deterministic)
+algorithms; the bitwise flags are recorded beside them. The correctness tests run with deterministic cuDNN.
 
 TensorRT runs only on request (``--backends tensorrt cudagraph eager``): an engine build per model and
 batch takes minutes, more than this suite's budget, and cannot be interrupted by it.
@@ -21,8 +32,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,14 +55,18 @@ SAMPLING = {
     "dit_b16": dict(model="dit-xl-2-256", clf=None, batch=16, peer_full=2.60, target=1.0),
     "dit_b1": dict(model="dit-xl-2-256", clf=None, batch=1, peer_full=0.78, target=0.3),
 }
+SAME_TOL = 1e-2  # max |difference| of samples in [-1, 1] (latents: relative to their max) counted as the same
+SECTIONS = ("env", "correctness", "models", "kernels", "rng", "forward", "sampling")
 # Per-call targets (ms, H200) of the models issue.
 FORWARD_TARGETS = {"adm64_unet_b64": 30.0, "adm64_unet_b1_graph": 7.0, "adm64_clf_grad_b64": 30.0,
                    "adm256_unet_b16": 90.0, "dit_b16_bf16": 14.0}
 
 
 class Suite:
-    def __init__(self, out: Path, budget_s: float) -> None:
-        self.out, self.budget, self.start = out, budget_s, time.perf_counter()
+    """Results of one process, saved atomically to ``path`` after every change (partial results survive)."""
+
+    def __init__(self, path: Path, budget_s: float) -> None:
+        self.path, self.budget, self.start = path, budget_s, time.perf_counter()
         self.results: dict[str, Any] = {"sections": {}, "errors": {}}
 
     def elapsed(self) -> float:
@@ -57,24 +74,76 @@ class Suite:
 
     def save(self) -> None:
         self.results["elapsed_s"] = round(self.elapsed(), 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "gpu_suite.json.tmp"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.results, indent=2, default=str))
-        os.replace(tmp, self.out / "gpu_suite.json")
+        os.replace(tmp, self.path)
 
     def section(self, name: str, fn: Callable[[], Any]) -> None:
-        if self.elapsed() > self.budget:
-            self.results["errors"][name] = f"skipped: time budget {self.budget:.0f} s spent"
-            return
+        """Run one section in this process (the child side), recording its result or its error."""
         t0 = time.perf_counter()
-        print(f"== {name} (t = {self.elapsed():.0f} s)", flush=True)
         try:
             self.results["sections"][name] = fn()
-        except Exception as e:  # record and go on: one broken section must not cost the others
+        except Exception as e:  # record; the parent goes on with the next section
             self.results["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
             print(f"   ERROR {type(e).__name__}: {e}", flush=True)
         self.results.setdefault("section_s", {})[name] = round(time.perf_counter() - t0, 1)
         self.save()
+
+
+def run_child(cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group; (returncode or None on timeout, combined output). On timeout the
+    whole group is killed (a pytest child's own children too)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out or ""
+
+
+def run_sections(names: list[str], out: Path, budget_s: float, extra: list[str],
+                 child: Callable[[str, Path, float], list[str]] | None = None, name: str = "gpu_suite.json") -> dict:
+    """The parent: each section in a child process with the time left as its timeout; merged into
+    ``out/name`` after every section. ``child(name, result_path, timeout)`` builds the command (tests
+    substitute one)."""
+    suite = Suite(out / name, budget_s)
+    suite.results["section_runs"] = {}
+    for section in names:
+        left = budget_s - suite.elapsed()
+        if left < 5:
+            suite.results["errors"][section] = f"skipped: time budget {budget_s:.0f} s spent"
+            suite.save()
+            continue
+        print(f"== {section} (t = {suite.elapsed():.0f} s, {left:.0f} s left)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="cg_fast_suite_") as tmp:
+            path = Path(tmp) / f"{section}.json"
+            cmd = child(section, path, left) if child else \
+                [sys.executable, str(Path(__file__).resolve()), "--section", section, "--section-json", str(path),
+                 "--budget", str(max(1.0, left - 10.0)), *extra]
+            t0 = time.perf_counter()
+            rc, output = run_child(cmd, left)
+            print(output, end="" if output.endswith("\n") else "\n", flush=True)
+            run = {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "timed_out": rc is None}
+            got = json.loads(path.read_text()) if path.exists() else {}
+        suite.results["section_runs"][section] = run
+        if section in got.get("sections", {}):
+            suite.results["sections"][section] = got["sections"][section]
+        for key, value in got.get("sections", {}).items():  # partial results of a cut-short section
+            if key != section:
+                suite.results["sections"].setdefault(key, value)
+        err = got.get("errors", {}).get(section)
+        if err is None and (rc != 0 or section not in got.get("sections", {})):
+            why = "timed out" if rc is None else f"exited with {rc}"
+            err = f"the section's process {why} (a crash or sticky CUDA error costs this section only)\n" \
+                  + output[-2000:]
+        if err is not None:
+            suite.results["errors"][section] = err
+        suite.save()
+    return suite.results
 
 
 def _version(module: str) -> str | None:
@@ -93,19 +162,22 @@ def env() -> dict:
 
 
 def correctness(timeout_s: float = 240.0) -> dict:
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "TRITON_INTERPRET": "0"})
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"returncode": None, "timeout_s": timeout_s, "tail": out[-3000:]}
-    return {"returncode": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-1000:]}
+    """pytest tests/test_gpu.py (its own module fixture makes cuDNN deterministic)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rc, out = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
+                         "tests/test_rng.py"],
+                        timeout_s, env=env)
+    return {"returncode": rc, "timed_out": rc is None, "tail": out[-3000:]}
 
 
 def kernels() -> dict:
     from bench_step_triton import bench_triton_vs_copy
     return bench_triton_vs_copy("cuda")
+
+
+def rng_kernels() -> dict:
+    from bench_rng import bench_counter_gpu
+    return bench_counter_gpu("cuda")
 
 
 def time_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
@@ -153,7 +225,7 @@ def forward() -> dict:
         model = graphed = None
         try:
             model = M.create(name, dtype=dtype, device="cuda").eval()
-            graphed = CUDAGraphDenoiser(model)
+            graphed = CUDAGraphDenoiser(model, clone_outputs=False)  # replay only, as gpu-anchors.md
             for b in batches:
                 x, t, y = _inputs(model, b)
                 with torch.no_grad():
@@ -175,11 +247,66 @@ def forward() -> dict:
                 return torch.autograd.grad(lp, xi)[0]
 
             res[f"{label}_b64_eager_ms"] = time_ms(eager_grad)
-            g = CUDAGraphClassifierGrad(clf)
+            g = CUDAGraphClassifierGrad(clf, clone_outputs=False)
             res[f"{label}_b64_graph_ms"] = time_ms(lambda: g(x, t, y))
         except Exception as e:  # noqa: BLE001
             res["errors"][label] = f"{type(e).__name__}: {e}"[:1000]
         clf = g = x = t = y = None
+        _free()
+    return res
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, relative to max |b| where that exceeds 1 (latents); inf when either is not finite."""
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return float("inf")
+    return float((a.float() - b.float()).abs().max()) / max(1.0, float(b.float().abs().max()))
+
+
+def models(steps: int = 10, batch: int = 2) -> dict:
+    """Small real models, eager vs whole-step CUDA graphs (same generator seed): ADM-64 fp16 with its classifier
+    under CompG, DiT-XL/2 bf16 with CFG (channels 3). Max difference (``SAME_TOL``), times, counts."""
+    import cg_fast.models as M
+    from cg_fast import CFG, ClassifierGuidance, NoiseSchedule, Sampler
+    from cg_fast.guidance import Compress
+
+    res: dict[str, Any] = {"tolerance": SAME_TOL, "steps": steps, "batch": batch, "errors": {}}
+    cases = [("adm64_fp16_classifier", "adm-64-cond", torch.float16, "adm-64-classifier"),
+             ("dit_xl2_bf16_cfg", "dit-xl-2-256", torch.bfloat16, None)]
+    for label, name, dtype, clf_name in cases:
+        model = clf = None
+        try:
+            torch.manual_seed(0)
+            model = M.create(name, dtype=dtype, device="cuda").eval()
+            cfg = model.cg_config
+            clf = M.create(clf_name, device="cuda").eval() if clf_name else None
+            guid = ClassifierGuidance(clf, 1.0, policy=Compress(rate=3)) if clf is not None else \
+                CFG(4.0, null_label=cfg.null_label, policy=Compress(rate=3), channels=3)
+            sched = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
+            y = torch.arange(batch, device="cuda") % 10
+            entry: dict[str, Any] = {}
+            outs = {}
+            for backend in ("eager", "cudagraph"):
+                s = Sampler(model, sched, str(steps), learn_sigma=cfg.learn_sigma, clip_denoised=cfg.clip_denoised,
+                            backend=backend)
+                out = s.sample((batch, *cfg.input_shape), y=y, guidance=guid,
+                               generator=torch.Generator("cuda").manual_seed(0))
+                again = s.sample((batch, *cfg.input_shape), y=y, guidance=guid,
+                                 generator=torch.Generator("cuda").manual_seed(0))
+                outs[backend] = out.x
+                entry[backend] = {"first_s": round(out.stats.wall_time, 3), "s": round(again.stats.wall_time, 3),
+                                  "classifier_grads": out.stats.classifier_grads,
+                                  "denoiser_rows": out.stats.denoiser_rows,
+                                  "finite": bool(torch.isfinite(out.x).all())}
+                s = out = again = None
+            entry["max_diff"] = max_diff(outs["cudagraph"], outs["eager"])
+            entry["same"] = entry["max_diff"] <= SAME_TOL
+            entry["bitwise"] = bool(torch.equal(outs["cudagraph"], outs["eager"]))
+            res[label] = entry
+            print(f"   {label}: {json.dumps(entry)}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one model's failure must not cost the other
+            res["errors"][label] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
+        model = clf = outs = None
         _free()
     return res
 
@@ -230,10 +357,12 @@ def sampling(backends: list[str], budget_end: float, suite: Suite) -> dict:
                     # first: captures / builds / compiles; again: the steady state
                     first = sampler.sample(shape, y=y, guidance=g, generator=torch.Generator("cuda").manual_seed(0))
                     again = sampler.sample(shape, y=y, guidance=g, generator=torch.Generator("cuda").manual_seed(0))
+                    diff = max_diff(first.x, again.x)
                     runs[label] = {"first_s": round(first.stats.wall_time, 4), "s": round(again.stats.wall_time, 4),
                                    "denoiser_rows": again.stats.denoiser_rows,
                                    "classifier_grads": again.stats.classifier_grads,
-                                   "same_samples_twice": bool(torch.equal(first.x, again.x)),
+                                   "max_diff_twice": diff, "same_samples_twice": diff <= SAME_TOL,
+                                   "bitwise_twice": bool(torch.equal(first.x, again.x)),
                                    "finite": bool(torch.isfinite(again.x).all())}
                     first = again = None
                 runs["compg_over_unguided"] = runs["compg"]["s"] / runs["unguided"]["s"]
@@ -255,32 +384,36 @@ def sampling(backends: list[str], budget_end: float, suite: Suite) -> dict:
     return res
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
-    p.add_argument("--budget", type=float, default=330.0, help="seconds after which no new section starts")
+    p.add_argument("--name", default="gpu_suite.json", help="file name of the merged results in --out")
+    p.add_argument("--budget", type=float, default=330.0, help="seconds for all sections together")
     p.add_argument("--backends", nargs="+", default=["cudagraph", "eager"],
                    help="sampling backends (tensorrt, compile, onnx on request: engine builds and compiles take "
                         "minutes)")
-    p.add_argument("--sections", nargs="+", default=["env", "correctness", "kernels", "forward", "sampling"])
-    args = p.parse_args()
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--section", choices=SECTIONS, help="(internal) run one section in this process")
+    p.add_argument("--section-json", help="(internal) where the --section process writes its results")
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device", file=sys.stderr)
         return 2
+    if args.section is None:  # the parent: one child process per section
+        extra = ["--backends", *args.backends]
+        results = run_sections(list(args.sections), Path(args.out), args.budget, extra, name=args.name)
+        print(json.dumps({k: v for k, v in results.items() if k != "sections"}, indent=1, default=str)[:3000])
+        print(f"wrote {Path(args.out) / args.name} in {results['elapsed_s']:.0f} s")
+        return 0
     os.environ.pop("TRITON_INTERPRET", None)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    backends = list(args.backends)
-    suite = Suite(Path(args.out), args.budget)
-    table = {"env": env, "kernels": kernels, "forward": forward,
-             "correctness": lambda: correctness(max(30.0, min(240.0, args.budget - suite.elapsed()))),
-             "sampling": lambda: sampling(backends, args.budget, suite)}
-    for name in args.sections:
-        suite.section(name, table[name])
-    suite.save()
-    print(json.dumps({k: v for k, v in suite.results.items() if k != "sections"}, indent=1, default=str)[:3000])
-    print(f"wrote {Path(args.out) / 'gpu_suite.json'} in {suite.elapsed():.0f} s")
+    torch.backends.cudnn.benchmark = args.section != "models"  # models: eager vs graph, same algorithms
+    suite = Suite(Path(args.section_json), args.budget)
+    table = {"env": env, "kernels": kernels, "rng": rng_kernels, "forward": forward, "models": models,
+             "correctness": lambda: correctness(max(30.0, args.budget)),
+             "sampling": lambda: sampling(list(args.backends), args.budget, suite)}
+    suite.section(args.section, table[args.section])
     return 0
 
 
