@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu
 	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=77" wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	# --no-build-isolation: setup.py must see the torch installed above (and never fetch another).
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot,diffusers]"
 	touch $(STAMP)
 
 demo: install

@@ -1,6 +1,7 @@
 """cg_fast: fast, exact guided diffusion sampling with Compress Guidance (CompG).
 
     from cg_fast import NoiseSchedule, Sampler, ClassifierGuidance, CFG
+    sampler = Sampler.from_model(cg_fast.models.load_checkpoint("64x64_diffusion.pt"))
     from cg_fast.guidance import Full, Compress, EarlyStop, UniformSkip, Interval
 
 The specification is docs/compress-guidance (spec §1-§8); module by stage of the data flow:
@@ -8,9 +9,10 @@ The specification is docs/compress-guidance (spec §1-§8); module by stage of t
 ``sampler``. ``testbeds.gmm`` is an exactly solvable Gaussian-mixture testbed.
 """
 from .guidance import CFG, ClassifierGuidance
-from .sampler import NonFiniteError, SampleOutput, Sampler, SamplingStats
+from .pipeline import Pipeline, PipelineResult
+from .sampler import ConfigOverrideWarning, NonFiniteError, SampleOutput, Sampler, SamplingStats
 from .schedules import NoiseSchedule, SpacedSchedule
 
 __version__ = "0.1.0"
 __all__ = ["NoiseSchedule", "SpacedSchedule", "Sampler", "SampleOutput", "SamplingStats", "ClassifierGuidance",
-           "CFG", "NonFiniteError", "__version__"]
+           "CFG", "NonFiniteError", "ConfigOverrideWarning", "Pipeline", "PipelineResult", "__version__"]
