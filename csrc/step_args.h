@@ -16,7 +16,7 @@ enum DType : int { DT_FLOAT32 = 0, DT_FLOAT16 = 1, DT_BFLOAT16 = 2 };
 // One step over `rows` batch rows of `n` elements (n = x[0].numel()); all pointers point to contiguous
 // storage on the kernel's device. Layout: x, noise, h, out [rows, n]; model_out [rows, o_row] with
 // o_row = n, or 2n when learned_var (variance channel at [b, n + i]); fresh [rows, f_row] (f_row = n or 2n,
-// the first n are used); coef [rows, 18] float32. `fresh` / `h` are null when absent. `out` may alias `x`
+// the first n are used); coef [rows, CG_NUM_COLS] float32. `fresh` / `h` are null when absent. `out` may alias `x`
 // (and nothing else). Counter-based noise: `noise` is null and `seeds` (one uint64 per row, stored as int64)
 // and `step_index` (1 value, or one per row when step_stride is 1) are read by the kernel (on its device), so
 // a CUDA graph replays new steps without re-capture (layout: cg_fast/kernels/rng.py, csrc/philox.h).

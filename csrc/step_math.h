@@ -48,8 +48,11 @@ enum Col : int {
   GUIDE_S = 15,
   H_DECAY = 16,
   G_WEIGHT = 17,
+  DPM_CX = 18,
+  DPM_C0 = 19,
+  DPM_C1 = 20,
 };
-constexpr int CG_NUM_COLS = 18;
+constexpr int CG_NUM_COLS = 21;
 
 // Modes, as parsed from the op's string arguments.
 enum Method : int { METHOD_DDPM = 0, METHOD_DDIM = 1 };

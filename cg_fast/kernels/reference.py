@@ -12,6 +12,9 @@ Notation (spec §2, §4-§6), per batch row, ``coef`` columns named by :class:`~
     s        GUIDE_S: classifier scale s, or w - 1 for CFG
 Memory traffic of one DDPM step (fp32, n elements): read x, o (1x or 2x), z, [g], [h]; write x', [h].
 
+DPM-Solver++ 2M (:func:`dpmpp2m_step_ref`) is deterministic: it takes no noise, and carries one more state
+tensor, ``prev`` (the previous step's data prediction x0, float32 like x), updated in place like ``h``.
+
 Noise ``z``: a tensor like x (``noise=``), or counter-based (``noise=None, seeds=, step_index=``): z is then
 :func:`cg_fast.kernels.rng.counter_normal` of the rows' seeds at step ``step_index`` (the counter layout of
 :mod:`cg_fast.kernels.rng`), which the fused kernels compute in-kernel instead of reading it.
@@ -24,7 +27,7 @@ from torch import Tensor
 from .rng import counter_normal
 from .table import Col
 
-__all__ = ["ddpm_step_ref", "ddim_step_ref", "check_step_args", "check_noise_args", "GUIDE_KINDS", "PREDICTIONS"]
+__all__ = ["ddpm_step_ref", "ddim_step_ref", "dpmpp2m_step_ref", "check_step_args", "check_prev_arg", "check_noise_args", "GUIDE_KINDS", "PREDICTIONS"]
 
 GUIDE_KINDS = ("none", "classifier", "cfg")
 PREDICTIONS = ("eps", "x0", "v")
@@ -236,6 +239,68 @@ def ddim_step_ref(
     eps = _eps_from_x0(x, x0, coef)
     mean = x0 * _col(coef, Col.DDIM_SQRT_ACP, nd) + _col(coef, Col.DDIM_DIR, nd) * eps
     x_next = mean + _col(coef, Col.NONZERO, nd) * _col(coef, Col.DDIM_SIGMA, nd) * noise
+    if out is not None:
+        return out.copy_(x_next)
+    return x_next
+
+
+def check_prev_arg(x: Tensor, prev: Tensor | None) -> None:
+    """``prev``, DPM-Solver++'s carried data prediction: a float32 tensor shaped like x, on x's device."""
+    if prev is None:
+        raise ValueError("dpmpp2m needs prev: a float32 buffer shaped like x (zeros before the first step) that "
+                         "carries the previous step's data prediction")
+    if not isinstance(prev, Tensor) or prev.shape != x.shape or prev.dtype != torch.float32 \
+            or prev.device != x.device:
+        raise ValueError(f"prev must be a float32 tensor of x's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{getattr(prev, 'dtype', type(prev).__name__)} {tuple(getattr(prev, 'shape', ()))}")
+
+
+def dpmpp2m_step_ref(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor | None = None,
+    *,
+    prev: Tensor | None = None,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
+) -> Tensor:
+    """One DPM-Solver++ 2M step (data prediction, multistep; spec §5 "DPM-Solver++"), returns x at the next level.
+
+    Guidance enters the data prediction, as in DDIM: CFG combines the eps outputs first (spec §6); classifier
+    guidance shifts the score, ``eps' = eps - sqrt(1 - alpha_bar_t) * s * a`` (ADM ``condition_score``), and x0 is
+    recomputed from eps'. The guided x0 is what the multistep update uses and what ``prev`` keeps, so a cached
+    guidance state (``h``) also reaches the next step's correction term through ``prev``.
+
+    Deterministic: ``noise``, ``seeds`` and ``step_index`` are accepted for a common signature and must be None.
+    Other arguments as :func:`ddpm_step_ref`; variance channels of a learned-variance model are ignored.
+    """
+    check_step_args(guide, fresh, h, cfg_channels, prediction, x, model_out)
+    check_prev_arg(x, prev)
+    if noise is not None or seeds is not None or step_index is not None:
+        raise ValueError("dpmpp2m is deterministic: pass noise=None and no seeds / step_index")
+    nd = x.dim()
+    eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
+    if guide == "cfg":
+        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
+    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
+    if guide == "classifier":
+        a = _applied_guidance(coef, fresh, h, nd)
+        if a is not None:
+            eps = _eps_from_x0(x, x0, coef)
+            eps = eps - _col(coef, Col.DDIM_SQRT_1M_AC, nd) * (a * _col(coef, Col.GUIDE_S, nd))
+            x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * eps
+    x_next = (_col(coef, Col.DPM_CX, nd) * x + _col(coef, Col.DPM_C0, nd) * x0
+              + _col(coef, Col.DPM_C1, nd) * (x0 - prev))
+    prev.copy_(x0)
     if out is not None:
         return out.copy_(x_next)
     return x_next

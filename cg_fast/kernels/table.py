@@ -19,6 +19,9 @@ Column meanings (x_t the state, o the model output, a the applied guidance):
     DDIM_SIGMA
     GUIDE_S                          guidance scale: s (classifier) or w - 1 (CFG)
     H_DECAY, G_WEIGHT                cache update a = H_DECAY * h + G_WEIGHT * g   (§4; m_j for compress)
+    DPM_CX, DPM_C0, DPM_C1           DPM-Solver++ 2M:  x' = DPM_CX * x + DPM_C0 * x0 + DPM_C1 * (x0 - x0_prev)
+                                     (x0_prev: the previous step's data prediction; DPM_C1 = 0 on first-order
+                                     steps: the first, and the last, which lands on sigma = 0 as x' = x0)
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ class Col(IntEnum):
     GUIDE_S = 15
     H_DECAY = 16
     G_WEIGHT = 17
+    DPM_CX = 18
+    DPM_C0 = 19
+    DPM_C1 = 20
 
 
 NUM_COLS = len(Col)
@@ -91,6 +97,7 @@ def schedule_columns(sched: SpacedSchedule, *, variance: str = "fixed_large", et
     f64[:, Col.MIN_LOG] = post_log
     f64[:, Col.MAX_LOG] = np.log(betas)
     f64[:, Col.NONZERO] = (np.arange(n) != 0).astype(np.float64)  # respaced index i = 0 is the last step
+    f64[:, [Col.DPM_CX, Col.DPM_C0, Col.DPM_C1]] = _dpmpp2m_columns(ac, acp)
     table = torch.from_numpy(f64).float()  # float64 -> float32, as ADM's _extract_into_tensor
 
     # DDIM coefficients are computed by ADM in float32 from float32 alpha_bars; do the same ops here.
@@ -102,3 +109,33 @@ def schedule_columns(sched: SpacedSchedule, *, variance: str = "fixed_large", et
     table[:, Col.DDIM_DIR] = torch.sqrt(1 - acp32 - sigma ** 2)
     table[:, Col.DDIM_SIGMA] = sigma
     return table.flip(0).contiguous()  # respaced order i -> sampling order j = N - 1 - i
+
+
+def _dpmpp2m_columns(ac: np.ndarray, acp: np.ndarray) -> np.ndarray:
+    """DPM-Solver++ 2M coefficients [n, 3] in respaced order (i = 0 is the last sampling step).
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), the step from the
+    current noise level s to the next t (h = lambda_t - lambda_s) is, in data prediction (Lu et al. 2022,
+    multistep second order, "midpoint" form as diffusers' DPMSolverMultistepScheduler):
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) D0 - 0.5 alpha_t expm1(-h) D1,
+        D0 = x0_s,  D1 = (x0_s - x0_prev) / r,  r = h_prev / h   (h_prev: the previous step's h)
+
+    First order (D1 dropped) at the first step (no previous prediction) and at the last, whose target is
+    sigma = 0 (alpha_bar_prev = 1): there x_t = x0_s exactly ("lower order final", final sigma zero).
+    """
+    n = ac.shape[0]
+    alpha_s, sigma_s = np.sqrt(ac), np.sqrt(1.0 - ac)
+    alpha_t, sigma_t = np.sqrt(acp), np.sqrt(1.0 - acp)
+    lam_s = np.log(alpha_s) - np.log(sigma_s)
+    out = np.zeros((n, 3), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lam_t = np.log(alpha_t) - np.log(sigma_t)  # +inf where sigma_t = 0
+    h = lam_t - lam_s
+    out[:, 0] = sigma_t / sigma_s
+    out[:, 1] = -alpha_t * np.expm1(-h)  # alpha_t where h = inf
+    # h_prev of respaced step i is the h of the step sampled before it, i + 1
+    for i in range(1, n - 1):
+        r = h[i + 1] / h[i]
+        out[i, 2] = 0.5 * out[i, 1] / r
+    return out

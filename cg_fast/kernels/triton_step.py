@@ -11,7 +11,7 @@ and writes every output once is the whole optimisation: the fused step should ru
 same number of bytes (see ``benchmarks/bench_step_triton.py``).
 
 Memory traffic per element (fp32 tensors; a fp16/bf16 model output or fresh guidance costs 2 bytes instead
-of 4 per value read; the per-row coefficients are 18 floats per program, negligible):
+of 4 per value read; the per-row coefficients are 21 floats per program, negligible):
 
     mode                                         read                         write      bytes
     DDPM, fixed variance, no guidance            x, eps, z                    x'         16
