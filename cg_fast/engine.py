@@ -3,6 +3,7 @@
 The body of a step reads its inputs from fixed buffers and writes the new state in place:
 
     x, h  the state and the cache state (live across steps, updated in place by the fused step kernel)
+    prev  DPM-Solver++ 2M only: the previous step's data prediction (live across steps, updated in place)
     z     the step's noise (drawn outside a graph, so eager and graph runs consume the same random numbers);
           None with counter-based noise, where instead
     seeds, step_index   the rows' sample seeds and the step j (int64, on the device) from which the fused
@@ -46,6 +47,7 @@ class StepBuffers:
     seeds: Tensor | None = None
     step_index: Tensor | None = None
     double_noise: bool = False  # draw noise for 2B rows, keep the first B (DiT's sample.py, DiTPipeline)
+    prev: Tensor | None = None  # dpmpp2m: the previous data prediction (zeros before the first step)
 
     def draw_noise(self, generator: torch.Generator | None = None) -> None:
         """The step's noise into ``z``: randn is empty().normal_(), so this is the same random stream as
@@ -123,7 +125,9 @@ class StepProgram:
                 out["guidance"] = o[:, :c] - fresh[:, :c]
             else:
                 out["guidance"] = fresh.clone()
-        if b.seeds is None:
+        if b.prev is not None:  # DPM-Solver++ 2M: deterministic, carries the previous data prediction
+            self.step(b.x, o, b.coef, None, fresh=fresh, h=b.h, out=b.x, prev=b.prev, **self.step_kw)
+        elif b.seeds is None:
             self.step(b.x, o, b.coef, b.z, fresh=fresh, h=b.h, out=b.x, **self.step_kw)
         else:  # counter-based noise, computed inside the step kernel from device buffers
             self.step(b.x, o, b.coef, None, fresh=fresh, h=b.h, out=b.x, seeds=b.seeds, step_index=b.step_index,
@@ -149,7 +153,8 @@ class GraphRunner:
     Warm-up and capture run on one side stream of this runner, so per-stream library state (cuBLAS
     workspaces, handles) is created before the capture, and the captures sharing this runner's pool use the
     same stream, as the ``torch.cuda.graph`` docs ask. ``x`` and ``h`` are saved before the warm-up and
-    restored after the capture (also when it fails), so the state advances exactly once per call.
+    restored after the capture (also when it fails), so the state advances exactly once per call (``prev``
+    too, for DPM-Solver++).
 
     Both kinds share one memory pool. That is safe whatever order they are replayed in, since they never
     run concurrently (one stream) and every tensor a graph returns is kept alive in :attr:`graphs`, so the
@@ -181,7 +186,7 @@ class GraphRunner:
 
     def _capture(self, guided: bool) -> tuple[Any, dict[str, Tensor]]:
         api, b = self._api, self.buffers
-        state = [t for t in (b.x, b.h) if t is not None]
+        state = [t for t in (b.x, b.h, b.prev) if t is not None]
         saved = [t.clone() for t in state]
         checker = self.program.check_output
         try:

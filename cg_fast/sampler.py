@@ -1,4 +1,4 @@
-"""The sampling loop: DDPM ancestral and DDIM with guidance at planned steps (spec §3-§6).
+"""The sampling loop: DDPM ancestral, DDIM and DPM-Solver++ 2M with guidance at planned steps (spec §3-§6).
 
 Data flow per step j (j = 0 is the noisiest step):
 
@@ -41,7 +41,7 @@ from .schedules import NoiseSchedule, SpacedSchedule
 __all__ = ["Sampler", "SampleOutput", "SamplingStats", "NonFiniteError", "ConfigOverrideWarning", "METHODS",
            "RNG_MODES"]
 
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpmpp2m")  # dpmpp2m: DPM-Solver++ 2M (deterministic, multistep; spec §5)
 RNG_MODES = ("torch", "counter")  # Sampler(rng=...): guided-diffusion's generator order, or counter-based
 Guidance = ClassifierGuidance | CFG
 
@@ -157,8 +157,13 @@ class Sampler:
     Args:
         model:         ``model(x, t, y=None) -> Tensor``; t a long tensor [B] of ORIGINAL training timesteps.
         schedule:      the training :class:`NoiseSchedule` (e.g. ``NoiseSchedule.linear(1000)``).
-        steps:         ADM respacing: "250", "50", "ddim25", "10,15,20", or an int.
-        method:        "ddpm" (ancestral) or "ddim".
+        steps:         ADM respacing: "250", "50", "ddim25", "10,15,20", or an int. Default "250".
+        method:        "ddpm" (ancestral), "ddim" or "dpmpp2m" (DPM-Solver++ 2M, as diffusers'
+                       ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
+                       ``final_sigmas_type="zero"``; pair it with ``timesteps=`` to sample at diffusers' steps).
+        timesteps:     instead of ``steps``: the ORIGINAL training timesteps to visit, strictly descending (the
+                       model is called at exactly these; the last step goes on to the clean sample). E.g.
+                       ``cg_fast.schedules.linspace_timesteps(1000, 20)`` is diffusers' "linspace" spacing.
         eta:           DDIM noise (0.0 = deterministic).
         learn_sigma:   the model returns 2C channels (eps, v) with learned-range variance (ADM, DiT).
         clip_denoised: clamp predicted x0 to [-1, 1] (pixel models; not for latents).
@@ -190,9 +195,10 @@ class Sampler:
         self,
         model: Callable[..., Tensor],
         schedule: NoiseSchedule,
-        steps: str | int | Sequence[int] = "250",
+        steps: str | int | Sequence[int] | None = None,
         method: str = "ddpm",
         *,
+        timesteps: Sequence[int] | None = None,
         eta: float = 0.0,
         learn_sigma: bool | None = None,
         clip_denoised: bool | None = None,
@@ -216,7 +222,13 @@ class Sampler:
         if cfg is not None and not cfg.is_denoiser:
             raise ValueError(f"{cfg.describe()} is a classifier, not a denoiser: sample from the diffusion model "
                              "and pass the classifier as ClassifierGuidance(classifier, scale)")
-        if isinstance(steps, bool) or not isinstance(steps, (str, int, np.integer, list, tuple, range)):
+        if timesteps is not None and steps is not None:
+            raise ValueError("pass either steps (an ADM respacing such as '50') or timesteps (explicit original "
+                             "timesteps, descending), not both")
+        if steps is None and timesteps is None:
+            steps = "250"
+        if steps is not None and (isinstance(steps, bool)
+                                  or not isinstance(steps, (str, int, np.integer, list, tuple, range))):
             raise TypeError(f"steps must be a respacing string ('250', 'ddim25', '10,15,20'), a positive int or "
                             f"a list of section counts, got {steps!r}")
         if method not in METHODS:
@@ -235,7 +247,7 @@ class Sampler:
             raise ValueError(f"unknown prediction {settings['prediction']!r}: use one of {kernels_mod.PREDICTIONS}")
         if settings["variance"] not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance {settings['variance']!r}: use one of {VARIANCE_TYPES}")
-        if method == "ddpm" and eta != 0.0:
+        if method != "ddim" and eta != 0.0:
             raise ValueError("eta is a DDIM parameter: use method='ddim' or leave eta at 0.0")
         if cfg is not None:
             bad_schedule = _check_schedule(cfg, schedule)
@@ -249,7 +261,8 @@ class Sampler:
         self.model = model
         self.model_config = cfg
         self.base_schedule = schedule
-        self.schedule: SpacedSchedule = schedule.respace(steps)
+        self.schedule: SpacedSchedule = (schedule.respace(steps) if timesteps is None
+                                         else schedule.at_timesteps(timesteps))
         self.method = method
         self.eta = float(eta)
         self.learn_sigma = bool(settings["learn_sigma"])
@@ -306,7 +319,7 @@ class Sampler:
         schedule = overrides.pop("schedule", None)
         if schedule is None:
             schedule = NoiseSchedule.named(cfg.noise_schedule, cfg.diffusion_steps)
-        if steps is None:
+        if steps is None and overrides.get("timesteps") is None:
             steps = cfg.timestep_respacing or str(cfg.diffusion_steps)
         return cls(model, schedule, steps, method if method is not None else cfg.method, **overrides)
 
@@ -519,8 +532,10 @@ class Sampler:
         else:
             x = torch.randn(shape, generator=generator, device=dev)
         runner, bufs = self._runner(backend, guidance, x, y, y2, rows[0], ts[0], None if ts2 is None else ts2[0],
-                                    stateful, generator, expose=callback is not None, seeds=sample_seeds)
-        step_js = torch.arange(n, device=dev) if sample_seeds is not None else None  # counter: j per step
+                                    stateful, generator, expose=callback is not None,
+                                    seeds=sample_seeds if self.method != "dpmpp2m" else None)
+        # counter-based noise: the step index j per step (dpmpp2m draws no noise after x_T)
+        step_js = torch.arange(n, device=dev) if bufs.seeds is not None else None
 
         stats = SamplingStats(guided_steps=[j for j, g in enumerate(mask) if g])
         rows_per_pass = 2 * batch if cfg is not None else batch
@@ -534,7 +549,7 @@ class Sampler:
                 bufs.t.copy_(ts[j])
                 if ts2 is not None:
                     bufs.t2.copy_(ts2[j])
-                if step_js is None:
+                if bufs.z is not None:
                     bufs.draw_noise(generator)
                 else:
                     bufs.step_index.copy_(step_js[j:j + 1])
@@ -588,8 +603,9 @@ class Sampler:
         if graphed and key in self._graph_cache:
             runner, bufs = self._graph_cache[key]
             bufs.x.copy_(x)
-            if bufs.h is not None:
-                bufs.h.zero_()
+            for state in (bufs.h, bufs.prev):
+                if state is not None:
+                    state.zero_()
             for dst, src in ((bufs.y, y), (bufs.y2, y2), (bufs.seeds, seeds)):
                 if dst is not None:
                     dst.copy_(src)
@@ -602,13 +618,16 @@ class Sampler:
                                  f"got label {int(y.max())}")
             return runner, bufs
 
-        bufs = StepBuffers(x=x, z=torch.empty_like(x) if seeds is None else None, coef=coef0.clone(), t=t0.clone(),
+        deterministic = self.method == "dpmpp2m"
+        bufs = StepBuffers(x=x, z=torch.empty_like(x) if seeds is None and not deterministic else None,
+                           coef=coef0.clone(), t=t0.clone(),
                            h=torch.zeros_like(x) if stateful else None,
                            y=y.clone() if graphed and y is not None else y,  # graphs own their buffers
                            t2=None if t20 is None else t20.clone(), y2=y2,
                            seeds=None if seeds is None else seeds.clone(),
                            step_index=None if seeds is None else torch.zeros(1, dtype=torch.int64, device=x.device),
-                           double_noise=bool(cfg is not None and cfg.doubled_noise))
+                           double_noise=bool(cfg is not None and cfg.doubled_noise),
+                           prev=torch.zeros_like(x) if deterministic else None)
         first_grad = [True]
         grad_graph = backends.classifier_graph(clf.classifier, backend, x.device, self._classifier_graphs,
                                                module_signature(clf.classifier)) if clf is not None else None
@@ -631,14 +650,14 @@ class Sampler:
         kind = "none" if guidance is None else guidance.kind
         program = StepProgram(
             model=self._denoiser(backend, x.device), guide=kind, class_cond=self.class_cond,
-            step=kernels_mod.ddpm_step if self.method == "ddpm" else kernels_mod.ddim_step,
+            step=kernels_mod.step_function(self.method),
             step_kw=dict(impl=self.kernels, guide=kind, prediction=self.prediction,
                          learned_var=self.learn_sigma, clip=self.clip_denoised,
                          cfg_channels=cfg.channels if cfg is not None else None),
             classifier=classifier_grad if clf is not None else None,
             cfg_batched=cfg.batched if cfg is not None else True,
-            # eager: the noise is drawn inside the body, where guided-diffusion draws it
-            draw_noise=None if graphed or seeds is not None else (lambda: bufs.draw_noise(generator)),
+            # eager: the noise is drawn inside the body, where guided-diffusion draws it (dpmpp2m draws none)
+            draw_noise=None if graphed or bufs.z is None else (lambda: bufs.draw_noise(generator)),
             check_output=check_output,
             expose_guidance=expose)
         if not graphed:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["NoiseSchedule", "SpacedSchedule", "space_timesteps"]
+__all__ = ["NoiseSchedule", "SpacedSchedule", "space_timesteps", "check_timesteps", "linspace_timesteps"]
 
 
 class _Betas:
@@ -93,10 +93,50 @@ class NoiseSchedule(_Betas):
         use = space_timesteps(self.num_steps, steps)
         return SpacedSchedule.from_base(self, use)
 
+    def at_timesteps(self, timesteps: Sequence[int] | np.ndarray) -> "SpacedSchedule":
+        """The schedule over explicit ORIGINAL timesteps, given in sampling order (strictly descending).
+
+        The sampler calls the model at exactly these timesteps and steps from each to the next, the last one
+        to the clean sample (alpha_bar = 1). Unlike :meth:`respace`, a sequence here lists timesteps, not
+        section counts."""
+        return SpacedSchedule.from_base(self, check_timesteps(timesteps, self.num_steps))
+
 
 def _check_count(n: int) -> None:
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"number of steps must be a positive integer, got {n!r}")
+
+
+def check_timesteps(timesteps: Sequence[int] | np.ndarray, num_timesteps: int) -> list[int]:
+    """Explicit timesteps, checked: integers in [0, num_timesteps), strictly descending; returned ascending."""
+    if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__len__"):
+        raise TypeError(f"timesteps must be a sequence of integer timesteps (descending), got {timesteps!r}")
+    values = np.asarray(timesteps)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {values.shape}")
+    if values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+        if not (np.issubdtype(values.dtype, np.floating) and np.all(np.isfinite(values))
+                and np.all(values == np.round(values))):
+            raise TypeError(f"timesteps must be integers (original training timesteps), got {list(timesteps)!r}")
+    ts = [int(v) for v in values]
+    bad = [t for t in ts if not 0 <= t < num_timesteps]
+    if bad:
+        raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}] (the training schedule's range), "
+                         f"got {bad[:5]}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError("timesteps must be strictly descending (sampling order, noisiest first), got "
+                         f"{ts[:8]}{' ...' if len(ts) > 8 else ''}")
+    return ts[::-1]
+
+
+def linspace_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """diffusers' ``timestep_spacing="linspace"``: ``num_steps`` timesteps from ``num_timesteps - 1`` down,
+    evenly spaced and rounded (the last step then goes on to the clean sample). For ``Sampler(timesteps=...)``."""
+    _check_count(num_timesteps)
+    _check_count(num_steps)
+    if num_steps > num_timesteps:
+        raise ValueError(f"cannot take {num_steps} distinct timesteps out of {num_timesteps}")
+    return [int(t) for t in np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1]]
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per run (default digits 500, gmm 4000; at least 2 per class)")
     d.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default digits 0; gmm 0 1 2)")
     d.add_argument("--steps", default=None, help="ADM respacing string (default '250')")
-    d.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default ddpm)")
+    d.add_argument("--method", default="ddpm", choices=["ddpm", "ddim", "dpmpp2m"], help="sampler (default ddpm)")
     d.add_argument("--scale", type=float, default=None,
                    help="classifier scale (default digits 16, full guidance's tuned scale; gmm 1 = exact)")
     d.add_argument("--weights", default=None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..sampler import METHODS
 
 EXAMPLES = """\
 examples:
@@ -85,7 +86,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="batch size per process (default 16); it does not change the samples")
     s.add_argument(*ALIASES["steps"], dest="steps", action="append", default=None,
                    help="respacing: '250', 'ddim25', '10,15,20' (default: the model's published setting)")
-    s.add_argument("--method", choices=["ddpm", "ddim"], default=None, help="sampler (default: the model's)")
+    s.add_argument("--method", choices=list(METHODS), default=None,
+                   help="sampler (default: the model's); dpmpp2m = DPM-Solver++ 2M")
     s.add_argument("--use_ddim", default=None, help="guided-diffusion's flag: True means --method ddim")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0)")
     s.add_argument("--clip_denoised", default=None, help="guided-diffusion's flag (default: the model's)")

@@ -41,7 +41,7 @@ class CGConfig:
     null_label: the unconditional label for classifier-free guidance (DiT: num_classes), None if none.
     cfg_channels: how many leading channels CFG guides by the model's own convention (DiT's sample.py: 3 of
         the 4 latent channels, spec §6); None = all channels.
-    method: the sampler of the published setting, 'ddpm' | 'ddim' (guided-diffusion's --use_ddim).
+    method: the sampler of the published setting, 'ddpm' | 'ddim' (guided-diffusion's --use_ddim) | 'dpmpp2m'.
     timestep_respacing, guidance_scale, classifier: sampler defaults of the published setting (None: none).
     """
 
@@ -61,7 +61,7 @@ class CGConfig:
     latent_scale: float | None = None
     null_label: int | None = None
     cfg_channels: int | None = None
-    method: Literal["ddpm", "ddim"] = "ddpm"
+    method: Literal["ddpm", "ddim", "dpmpp2m"] = "ddpm"
     name: str | None = None
     timestep_respacing: str | None = None
     guidance_scale: float | None = None
