@@ -24,7 +24,7 @@ import cg_fast.kernels as kernels
 from cg_fast import NoiseSchedule
 from cg_fast.kernels import csrc_ops
 from cg_fast.kernels.reference import dpmpp2m_step_ref
-from cg_fast.kernels.table import Col, schedule_columns
+from cg_fast.kernels.table import NUM_COLS, Col, schedule_columns
 from test_kernels_csrc import GUIDE_CASES, make_inputs, needs_ext  # shared inputs (no tests imported)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_csrc_op_errors():
     cases = [
         (dict(prev=prev[:, :2]), "prev must have the shape of x"),
         (dict(prev=prev.double()), "prev must be float32"),
-        (dict(coef=coef[:, :10]), r"coef must have shape \[2, 21\]"),
+        (dict(coef=coef[:, :10]), rf"coef must have shape \[2, {NUM_COLS}\]"),
         (dict(model_out=o, learned_var=True), r"model_out \(learned_var=True: eps and variance channels\)"),
         (dict(h=hh[:1]), "h must have the shape of x"),
         (dict(guide="bogus"), "unknown guide kind 'bogus'"),
