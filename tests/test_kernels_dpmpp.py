@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton_step, _TRITON_CPU = None, False
 needs_triton = pytest.mark.skipif(
     not _TRITON_CPU, reason="needs triton under TRITON_INTERPRET=1 (these tests feed CPU tensors; on a GPU the "
-                            "compiled kernels are checked by tests/test_gpu.py)")
+                            "compiled kernels are checked by tests/test_gpu.py::test_dpmpp2m_*)")
 
 IMPLS = [pytest.param("csrc", marks=needs_ext), pytest.param("triton", marks=needs_triton)]
 
@@ -206,7 +206,7 @@ def test_zero_batch(impl):
     assert got.shape == x.shape
 
 
-# -- several steps: DPM_C1 != 0 rows, prev carried from step to step ----------------------------------------------------
+# -- several steps: DPM_C1 != 0 rows, prev carried from step to step ---------------------------------------------------
 def _model(x: torch.Tensor, j: int) -> torch.Tensor:
     """A deterministic stand-in denoiser (eps-prediction) that depends on x and the step."""
     return torch.tanh(0.7 * x + 0.1 * j) + 0.05 * torch.roll(x, 1, dims=-1)
@@ -254,7 +254,7 @@ def test_dispatch_runs_the_fused_step(impl):
     check(impl, p_got, p_ref, "prev")
 
 
-# -- argument errors: those of the reference, before any state is touched ------------------------------------------------
+# -- argument errors: those of the reference, before any state is touched ----------------------------------------------
 @pytest.mark.parametrize("impl", [pytest.param("reference")] + IMPLS)
 def test_argument_errors(impl):
     fn = step_fn(impl)
@@ -306,7 +306,7 @@ def test_csrc_op_errors():
         assert torch.equal(hh, h0) and torch.equal(prev, p0), msg
 
 
-# -- opcheck / torch.compile (csrc) ---------------------------------------------------------------------------------------
+# -- opcheck / torch.compile (csrc) ------------------------------------------------------------------------------------
 @needs_ext
 def test_csrc_opcheck():
     x, o, f, hh, prev = inputs((2, 3, 5, 4), guide="classifier", fresh=True, h=True, learned=True)
@@ -338,7 +338,7 @@ def test_csrc_torch_compile_fullgraph():
     assert not torch.equal(p_c, prev)  # the mutation of prev survived functionalisation
 
 
-# -- CUDA: the per-element code on the host; the GPU where there is one -------------------------------------------------
+# -- CUDA: the per-element code on the host; the GPU where there is one ------------------------------------------------
 _HOST_HARNESS = r"""
 // Host build of the CUDA kernels' per-element code (csrc/step_element.h), METHOD_DPMPP2M (no exp, no noise).
 #include <cmath>
@@ -425,7 +425,7 @@ def test_cuda_matches_cpu_reference(dtype, guide, fresh, h):
         assert torch.equal(h_dev.cpu(), h_ref)
 
 
-# -- Triton: the kernel compiles for a GPU (the interpreter accepts code the compiler rejects) ----------------------------
+# -- Triton: the kernel compiles for a GPU (the interpreter accepts code the compiler rejects) -------------------------
 _AOT_SCRIPT = r"""
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
