@@ -7,10 +7,11 @@
 //
 // The ops write x_{t-1} into `out` (which may alias x) and update the cache state `h` in place (spec §4);
 // they return nothing, so that their only effects are the declared mutations `Tensor(a!)` / `Tensor(b!)?`
-// (and `Tensor(c!) prev`, dpmpp2m's carried data prediction),
-// which torch.compile functionalises and CUDA graphs capture (no allocation, no host sync in the kernels).
-// Noise: `noise` (like x), or None with `seeds` (int64 [B], uint64 bits) and `step_index` (int64, 1 or B
-// values): counter-based z computed in the kernel (layout: cg_fast/kernels/rng.py; csrc/philox.h).
+// (dpmpp2m_step also `Tensor(c!) prev`, its carried data prediction), which torch.compile functionalises and
+// CUDA graphs capture (no allocation, no host sync in the kernels).
+// Noise (ddpm_step / ddim_step; dpmpp2m_step is deterministic): `noise` (like x), or None with `seeds` (int64
+// [B], uint64 bits) and `step_index` (int64, 1 or B values): counter-based z computed in the kernel (layout:
+// cg_fast/kernels/rng.py; csrc/philox.h).
 #include <Python.h>
 #include <torch/library.h>
 
