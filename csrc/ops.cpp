@@ -5,11 +5,13 @@
 // cg_fast._C_cuda). Fake (meta) implementations, used by torch.compile / FakeTensor tracing, are registered
 // from Python in cg_fast/kernels/csrc_ops.py, next to the typed wrappers.
 //
-// Both ops write x_{t-1} into `out` (which may alias x) and update the cache state `h` in place (spec §4);
-// they return nothing, so that their only effects are the declared mutations `Tensor(a!)` / `Tensor(b!)?`,
-// which torch.compile functionalises and CUDA graphs capture (no allocation, no host sync in the kernels).
-// Noise: `noise` (like x), or None with `seeds` (int64 [B], uint64 bits) and `step_index` (int64, 1 or B
-// values): counter-based z computed in the kernel (layout: cg_fast/kernels/rng.py; csrc/philox.h).
+// The ops write x_{t-1} into `out` (which may alias x) and update the cache state `h` in place (spec §4);
+// they return nothing, so that their only effects are the declared mutations `Tensor(a!)` / `Tensor(b!)?`
+// (dpmpp2m_step also `Tensor(c!) prev`, its carried data prediction), which torch.compile functionalises and
+// CUDA graphs capture (no allocation, no host sync in the kernels).
+// Noise (ddpm_step / ddim_step; dpmpp2m_step is deterministic): `noise` (like x), or None with `seeds` (int64
+// [B], uint64 bits) and `step_index` (int64, 1 or B values): counter-based z computed in the kernel (layout:
+// cg_fast/kernels/rng.py; csrc/philox.h).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +27,13 @@ TORCH_LIBRARY(cg_fast, m) {
       "ddim_step(Tensor x, Tensor model_out, Tensor coef, Tensor? noise, Tensor(a!) out, *, str guide=\"none\", "
       "Tensor? fresh=None, Tensor(b!)? h=None, str prediction=\"eps\", bool learned_var=False, bool clip=True, "
       "int? cfg_channels=None, Tensor? seeds=None, Tensor? step_index=None) -> ()");
+  // One DPM-Solver++ 2M step (data prediction, multistep; spec §5 "DPM-Solver++"), guidance as DDIM; reads the
+  // previous step's data prediction `prev` and overwrites it with this step's. Deterministic: no noise.
+  // Semantics of dpmpp2m_step_ref.
+  m.def(
+      "dpmpp2m_step(Tensor x, Tensor model_out, Tensor coef, Tensor(c!) prev, Tensor(a!) out, *, "
+      "str guide=\"none\", Tensor? fresh=None, Tensor(b!)? h=None, str prediction=\"eps\", bool learned_var=False, "
+      "bool clip=True, int? cfg_channels=None) -> ()");
 }
 
 // `import cg_fast._C` loads this shared library, which runs the static registrations above and in

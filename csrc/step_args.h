@@ -20,6 +20,8 @@ enum DType : int { DT_FLOAT32 = 0, DT_FLOAT16 = 1, DT_BFLOAT16 = 2 };
 // (and nothing else). Counter-based noise: `noise` is null and `seeds` (one uint64 per row, stored as int64)
 // and `step_index` (1 value, or one per row when step_stride is 1) are read by the kernel (on its device), so
 // a CUDA graph replays new steps without re-capture (layout: cg_fast/kernels/rng.py, csrc/philox.h).
+// DPM-Solver++ 2M (METHOD_DPMPP2M) is deterministic: `noise` and `seeds` are null, and `prev` [rows, n] (the
+// previous step's data prediction) is read and overwritten with this step's x0; null for the other methods.
 struct StepArgs {
   const float* x = nullptr;
   const void* model_out = nullptr;
@@ -28,6 +30,7 @@ struct StepArgs {
   const void* fresh = nullptr;
   float* h = nullptr;
   float* out = nullptr;
+  float* prev = nullptr;                // dpmpp2m: x0 of the previous step, in; this step's x0, out
   const int64_t* seeds = nullptr;       // counter-based noise: per-row sample seeds, or null (read `noise`)
   const int64_t* step_index = nullptr;  // counter-based noise: the step j
   int64_t step_stride = 0;              // 0: one step index for all rows; 1: one per row

@@ -15,17 +15,18 @@
 
 namespace cg_fast {
 
-// The tensors of one step call, kept alive while the kernel runs. `out` / `h` are what the kernel writes:
-// the caller's tensors when they are contiguous, else contiguous stand-ins that finish() copies back.
+// The tensors of one step call, kept alive while the kernel runs. `out` / `h` / `prev` are what the kernel
+// writes: the caller's tensors when they are contiguous, else contiguous stand-ins that finish() copies back.
 struct StepTensors {
-  at::Tensor x, model_out, coef, noise, fresh, h, out, seeds, step_index;
-  at::Tensor h_user, out_user;  // defined only when a stand-in is used
+  at::Tensor x, model_out, coef, noise, fresh, h, out, seeds, step_index, prev;
+  at::Tensor h_user, out_user, prev_user;  // defined only when a stand-in is used
   StepArgs args;
 
   // Copy the stand-ins back into the caller's tensors (after the kernel has been enqueued).
   void finish() {
     if (out_user.defined()) out_user.copy_(out);
     if (h_user.defined()) h_user.copy_(h);
+    if (prev_user.defined()) prev_user.copy_(prev);
   }
 };
 
@@ -85,14 +86,24 @@ inline void check_rows(const char* op, const char* what, const at::Tensor& t, in
   }
 }
 
-// Validates one ddpm_step / ddim_step call (schema in csrc/ops.cpp) and prepares its StepArgs.
+// A state tensor the kernel reads and writes in place (h, prev): itself when contiguous, else a contiguous
+// copy, with the caller's tensor kept in `user` for StepTensors::finish().
+inline at::Tensor in_place_state(const at::Tensor& t, at::Tensor& user) {
+  if (t.is_contiguous()) return t;
+  user = t;
+  return t.contiguous();
+}
+
+// Validates one ddpm_step / ddim_step / dpmpp2m_step call (schemas in csrc/ops.cpp) and prepares its StepArgs.
+// dpmpp2m (METHOD_DPMPP2M) takes `prev` and no noise; the other methods take noise or seeds and no `prev`.
 inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x, const at::Tensor& model_out,
                                 const at::Tensor& coef, const std::optional<at::Tensor>& noise,
                                 const at::Tensor& out, std::string_view guide,
                                 const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
                                 std::string_view prediction, bool learned_var, bool clip,
                                 std::optional<int64_t> cfg_channels, const std::optional<at::Tensor>& seeds,
-                                const std::optional<at::Tensor>& step_index) {
+                                const std::optional<at::Tensor>& step_index,
+                                const std::optional<at::Tensor>& prev = std::nullopt) {
   StepArgs a;
   a.method = method;
   a.guide = parse_guide(op, guide);
@@ -130,10 +141,17 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
   const bool has_noise = noise.has_value() && noise->defined();
   const bool has_seeds = seeds.has_value() && seeds->defined();
   const bool has_step = step_index.has_value() && step_index->defined();
-  TORCH_CHECK(has_noise != has_seeds, op,
-              has_noise ? ": pass either noise or (seeds, step_index) for counter-based noise, not both"
-                        : ": noise is None: counter-based noise needs seeds (int64 [B]) and step_index");
-  TORCH_CHECK(has_seeds == has_step, op, ": seeds and step_index go together (counter-based noise)");
+  const bool has_prev = prev.has_value() && prev->defined();
+  if (method == METHOD_DPMPP2M) {  // deterministic (reference.check_no_noise_args)
+    TORCH_CHECK(!has_noise && !has_seeds && !has_step, op,
+                ": dpmpp2m is deterministic: pass noise=None and no seeds / step_index");
+  } else {
+    TORCH_CHECK(has_noise != has_seeds, op,
+                has_noise ? ": pass either noise or (seeds, step_index) for counter-based noise, not both"
+                          : ": noise is None: counter-based noise needs seeds (int64 [B]) and step_index");
+    TORCH_CHECK(has_seeds == has_step, op, ": seeds and step_index go together (counter-based noise)");
+    TORCH_CHECK(!has_prev, op, ": prev is a state of dpmpp2m only");
+  }
   if (has_noise) check_like_x(op, "noise", *noise, x);
   if (has_seeds) {
     check_device(op, "seeds", *seeds, x);
@@ -149,6 +167,11 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
                 n);
   }
   check_like_x(op, "out", out, x);
+  if (method == METHOD_DPMPP2M) {  // reference.check_prev_arg
+    TORCH_CHECK(has_prev, op, ": dpmpp2m needs prev: a float32 buffer shaped like x (zeros before the first step) "
+                "that carries the previous step's data prediction");
+    check_like_x(op, "prev", *prev, x);
+  }
 
   StepTensors t;
   if (has_fresh) {
@@ -185,14 +208,8 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
     t.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     t.out_user = out;
   }
-  if (has_h) {
-    if (h->is_contiguous()) {
-      t.h = *h;
-    } else {
-      t.h = h->contiguous();
-      t.h_user = *h;
-    }
-  }
+  if (has_h) t.h = in_place_state(*h, t.h_user);
+  if (has_prev) t.prev = in_place_state(*prev, t.prev_user);
   a.x = t.x.data_ptr<float>();
   a.model_out = t.model_out.data_ptr();
   a.coef = t.coef.data_ptr<float>();
@@ -203,6 +220,7 @@ inline StepTensors prepare_step(const char* op, int method, const at::Tensor& x,
   a.fresh = has_fresh ? t.fresh.data_ptr() : nullptr;
   a.h = has_h ? t.h.data_ptr<float>() : nullptr;
   a.out = t.out.data_ptr<float>();
+  a.prev = has_prev ? t.prev.data_ptr<float>() : nullptr;
   t.args = a;
   return t;
 }

@@ -29,7 +29,8 @@ CG_HD bool element_guidance(float* h, int64_t idx, bool has_g, float g, const fl
   return true;
 }
 
-// x_{t-1}[idx] (and h[idx]) for flat index idx = b * n + i of a StepArgs whose model_out / fresh hold TO / TF.
+// x_{t-1}[idx] (and h[idx], and for dpmpp2m prev[idx]) for flat index idx = b * n + i of a StepArgs whose
+// model_out / fresh hold TO / TF.
 // `exp_fn` is the exp of the device (expf on CUDA).
 template <typename TO, typename TF, typename Exp>
 CG_HD void step_element(const StepArgs& p, int64_t idx, const Exp& exp_fn) {
@@ -40,8 +41,10 @@ CG_HD void step_element(const StepArgs& p, int64_t idx, const Exp& exp_fn) {
   const int64_t i = idx - b * p.n;
   const float* c = p.coef + b * CG_NUM_COLS;
   const float x = p.x[idx];
-  // the noise: read, or counter-based from the row's seed and the step index (cg_fast/kernels/rng.py)
-  const float z = p.seeds == nullptr
+  // the noise: read, or counter-based from the row's seed and the step index (cg_fast/kernels/rng.py);
+  // none for dpmpp2m (deterministic)
+  const float z = p.method == METHOD_DPMPP2M ? 0.0f
+                  : p.seeds == nullptr
                       ? p.noise[idx]
                       : counter_normal(static_cast<uint64_t>(p.seeds[b]),
                                        static_cast<uint32_t>(p.step_index[b * p.step_stride]), i);
@@ -79,7 +82,8 @@ CG_HD void step_element(const StepArgs& p, int64_t idx, const Exp& exp_fn) {
     }
     result = add_noise(mean, c[NONZERO] * exp_fn(half_log_var(log_var)), z);
   } else {
-    // spec §5: DDIM, with the score shift eps' = eps - sqrt(1 - alpha_bar) * (a * s) at guided steps
+    // spec §5: DDIM / DPM-Solver++, with the score shift eps' = eps - sqrt(1 - alpha_bar) * (a * s) at guided
+    // steps, and x0 from eps'
     if (p.guide == GUIDE_CLASSIFIER) {
       const float g = has_g ? to_f32(fr[b * p.f_row + i]) : 0.0f;
       if (element_guidance(p.h, idx, has_g, g, c, &a)) {
@@ -88,8 +92,14 @@ CG_HD void step_element(const StepArgs& p, int64_t idx, const Exp& exp_fn) {
         x0 = x0_from_eps(x, eps, c[SQRT_RECIP_AC], c[SQRT_RECIPM1_AC]);
       }
     }
-    const float eps = eps_from_x0(x, x0, c[SQRT_RECIP_AC], c[SQRT_RECIPM1_AC]);
-    result = add_noise(ddim_mean(x0, eps, c[DDIM_SQRT_ACP], c[DDIM_DIR]), c[NONZERO] * c[DDIM_SIGMA], z);
+    if (p.method == METHOD_DPMPP2M) {
+      // spec §5 "DPM-Solver++": x' = CX * x + C0 * x0 + C1 * (x0 - prev), then prev <- the (guided) x0
+      result = dpmpp2m_update(x, x0, p.prev[idx], c[DPM_CX], c[DPM_C0], c[DPM_C1]);
+      p.prev[idx] = x0;
+    } else {
+      const float eps = eps_from_x0(x, x0, c[SQRT_RECIP_AC], c[SQRT_RECIPM1_AC]);
+      result = add_noise(ddim_mean(x0, eps, c[DDIM_SQRT_ACP], c[DDIM_DIR]), c[NONZERO] * c[DDIM_SIGMA], z);
+    }
   }
   p.out[idx] = result;  // every read of element idx is done: out may alias x
 }

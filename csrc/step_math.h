@@ -1,6 +1,6 @@
 // Per-element math of the fused sampler steps, shared by the CPU kernel (csrc/cpu/step.cpp) and the CUDA
 // kernel (csrc/cuda/step.cu). Spec: shared/docs/compress-guidance.md §4-§6; semantics:
-// cg_fast/kernels/reference.py (ddpm_step_ref / ddim_step_ref).
+// cg_fast/kernels/reference.py (ddpm_step_ref / ddim_step_ref / dpmpp2m_step_ref).
 //
 // This header needs neither torch nor the CUDA toolkit: under nvcc the functions are __host__ __device__.
 //
@@ -55,7 +55,7 @@ enum Col : int {
 constexpr int CG_NUM_COLS = 21;
 
 // Modes, as parsed from the op's string arguments.
-enum Method : int { METHOD_DDPM = 0, METHOD_DDIM = 1 };
+enum Method : int { METHOD_DDPM = 0, METHOD_DDIM = 1, METHOD_DPMPP2M = 2 };
 enum Guide : int { GUIDE_NONE = 0, GUIDE_CLASSIFIER = 1, GUIDE_CFG = 2 };
 enum Prediction : int { PRED_EPS = 0, PRED_X0 = 1, PRED_V = 2 };
 
@@ -138,6 +138,17 @@ CG_HD float ddim_mean(float x0, float eps, float sqrt_acp, float dir) {
   const float t1 = x0 * sqrt_acp;
   const float t2 = dir * eps;
   return t1 + t2;
+}
+
+// ---- spec §5 "DPM-Solver++": 2M multistep update in data prediction ---------------------------------------
+// x' = DPM_CX * x + DPM_C0 * x0 + DPM_C1 * (x0 - x0_prev); x0 is the (guided) data prediction of this step,
+// x0_prev the previous step's (the caller then stores x0 into prev)
+CG_HD float dpmpp2m_update(float x, float x0, float x0_prev, float cx, float c0, float c1) {
+  const float t1 = cx * x;
+  const float t2 = c0 * x0;
+  const float first = t1 + t2;
+  const float t3 = c1 * (x0 - x0_prev);
+  return first + t3;
 }
 
 }  // namespace cg_fast

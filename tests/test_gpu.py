@@ -302,6 +302,42 @@ def test_csrc_cuda_op_matches_triton_eager_and_in_a_graph(method, mode, dtype):
         _close_scaled(h, h_want, "csrc graph replay h")
 
 
+# DPM-Solver++ 2M (deterministic, carries prev): Triton and the CUDA op against the reference on the device
+def _run_dpmpp2m(impl: str, inputs: dict, kw: dict, prev: torch.Tensor, **extra):
+    from cg_fast import kernels
+    h = None if inputs["h"] is None else inputs["h"].clone()
+    p = prev.clone()
+    out = kernels.dpmpp2m_step(inputs["x"], inputs["model_out"], inputs["coef"], prev=p, fresh=inputs["fresh"], h=h,
+                               impl=impl, **kw, **extra)
+    return out, p, h
+
+
+@pytest.mark.parametrize("impl", ["triton", "csrc"])
+@pytest.mark.parametrize("dtype", list(KERNEL_DTYPES))
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
+def test_dpmpp2m_variants_match_reference(mode, dtype, impl):
+    """Every guide kind and cache mode, every model-output dtype: x', prev and h (tests/test_kernels_dpmpp.py)."""
+    if impl == "csrc":
+        _need_csrc_cuda()
+    inputs, kw = _step_case("ddim-eta0", mode, True, KERNEL_DTYPES[dtype], seed=3)
+    prev = torch.randn_like(inputs["x"])
+    got, want = _run_dpmpp2m(impl, inputs, kw, prev), _run_dpmpp2m("reference", inputs, kw, prev)
+    for g, w, what in zip(got, want, ("x'", "prev", "h")):
+        if w is not None:
+            _close_scaled(g, w, f"{impl} {what}")
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "no-clip"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_dpmpp2m_triton_predictions_match_reference(prediction, clip):
+    inputs, kw = _step_case("ddim-eta0", "clf-h-fresh", True, torch.float32, seed=4)
+    prev = torch.randn_like(inputs["x"])
+    got = _run_dpmpp2m("triton", inputs, kw, prev, prediction=prediction, clip=clip)
+    want = _run_dpmpp2m("reference", inputs, kw, prev, prediction=prediction, clip=clip)
+    for g, w, what in zip(got, want, ("x'", "prev", "h")):
+        _close_scaled(g, w, what)
+
+
 def test_csrc_cuda_op_sampling_equals_triton():
     _need_csrc_cuda()
     _, clf = _models()

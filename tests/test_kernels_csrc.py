@@ -303,8 +303,8 @@ def test_argument_errors():
     op_errors = [
         (dict(model_out=torch.randn(2, 6, 4, 4)), "model_out must have 48 elements per batch row"),
         (dict(model_out=o, learned_var=True), r"model_out \(learned_var=True: eps and variance channels\) must have 96"),
-        (dict(coef=coef[:, :10]), r"coef must have shape \[2, 18\]"),
-        (dict(coef=coef[:1]), r"coef must have shape \[2, 18\]"),
+        (dict(coef=coef[:, :10]), rf"coef must have shape \[2, {NUM_COLS}\]"),
+        (dict(coef=coef[:1]), rf"coef must have shape \[2, {NUM_COLS}\]"),
         (dict(noise=z[:, :2]), "noise must have the shape of x"),
         (dict(x=x.double()), "x must be float32"),
         (dict(model_out=o.int()), "model_out must be float32, float16 or bfloat16"),

@@ -1,11 +1,12 @@
-"""C++ / CUDA fused step operators ``torch.ops.cg_fast.ddpm_step`` / ``ddim_step`` (built from csrc/).
+"""C++ / CUDA fused step operators ``torch.ops.cg_fast.ddpm_step`` / ``ddim_step`` / ``dpmpp2m_step`` (built from
+csrc/).
 
 One memory pass per sampling step: predicted x0 (optional clip), posterior mean, fixed or learned variance,
 guidance (classifier mean / score shift, or the CFG combine), the cache update of ``h`` (spec §4) and the noise,
 with per-batch-row coefficients ``coef[B, NUM_COLS]`` (:mod:`cg_fast.kernels.table`). The wrappers here take
-exactly the arguments of :func:`~cg_fast.kernels.reference.ddpm_step_ref` / ``ddim_step_ref`` and compute the same
-values: on the CPU bitwise (same float32 operations in the same order, the exp torch.exp uses), on CUDA up to
-``expf`` rounding.
+exactly the arguments of :func:`~cg_fast.kernels.reference.ddpm_step_ref` / ``ddim_step_ref`` /
+``dpmpp2m_step_ref`` and compute the same values: on the CPU bitwise (same float32 operations in the same order,
+the exp torch.exp uses), on CUDA up to ``expf`` rounding (DDIM and DPM-Solver++ 2M have no exp: bitwise there too).
 
 Operator schemas (csrc/ops.cpp); ``out`` and ``h`` are written in place, nothing is returned::
 
@@ -14,12 +15,19 @@ Operator schemas (csrc/ops.cpp); ``out`` and ``h`` are written in place, nothing
                        bool learned_var=False, bool clip=True, int? cfg_channels=None,
                        Tensor? seeds=None, Tensor? step_index=None) -> ()
     cg_fast::ddim_step(... the same ...) -> ()
+    cg_fast::dpmpp2m_step(Tensor x, Tensor model_out, Tensor coef, Tensor(c!) prev, Tensor(a!) out, *,
+                          str guide="none", Tensor? fresh=None, Tensor(b!)? h=None, str prediction="eps",
+                          bool learned_var=False, bool clip=True, int? cfg_channels=None) -> ()
+
+DPM-Solver++ 2M (spec §5 "DPM-Solver++") is deterministic (no noise, seeds or step index) and carries ``prev``,
+float32 like x: read as the previous step's data prediction and overwritten with this step's (guided) x0.
 
 Layout: ``x``, ``noise``, ``h``, ``out`` float32 of one shape [B, C, ...] (n = x[0].numel() per row);
 ``model_out`` [B, C, ...], or [B, 2C, ...] with ``learned_var`` (variance channel of element i at n + i);
 ``fresh`` the classifier gradient (shape of x) or, for CFG, the unconditional output (C or 2C channels).
 ``model_out`` / ``fresh`` may be float16 / bfloat16 / float32 (upcast exactly). Memory traffic per element
-(fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h]. Counter-based noise (``noise=None``, ``seeds``
+(fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h] (dpmpp2m: read x, o, prev, [fresh], [h]; write
+x', prev, [h]). Counter-based noise (``noise=None``, ``seeds``
 int64 [B], ``step_index`` int64 with 1 or B values, on x's device): z is computed in the kernel from the counter
 layout of :mod:`cg_fast.kernels.rng` (Philox4x32-10 + Box-Muller; csrc/philox.h), so the noise tensor is neither
 drawn, written nor read (4 bytes less per element, and no separate random-number pass). On the CPU it is
@@ -34,10 +42,11 @@ relative, tested), and with learned variance ``sleef`` is ~1.7x faster on AVX-51
 most of the kernel's time when the data are in cache). The same choice applies to the log / cos / sin of
 counter-based noise (torch's vmsLn / vmsCos / vmsSin by default).
 
-.. warning:: ``out`` may alias ``x`` (in-place step); it must not alias ``noise``, ``model_out``, ``fresh`` or
-   ``h``.
+.. warning:: ``out`` may alias ``x`` (in-place step); it must not alias ``noise``, ``model_out``, ``fresh``,
+   ``h`` or ``prev``.
 .. warning:: The ops are registered for CPU and (where built) CUDA tensors. Under ``torch.compile`` they are
-   traced through the fake implementations below and functionalised (they mutate only ``out`` and ``h``).
+   traced through the fake implementations below and functionalised (they mutate only ``out``, ``h`` and
+   ``prev``).
    With contiguous arguments they allocate nothing (the wrappers allocate ``out`` when it is None) and never
    synchronise, so CUDA graphs capture them.
 """
@@ -46,10 +55,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import check_noise_args, check_step_args
+from .reference import check_no_noise_args, check_noise_args, check_prev_arg, check_step_args
 from .table import NUM_COLS
 
-__all__ = ["available", "ddpm_step_csrc", "ddim_step_csrc", "load_error"]
+__all__ = ["available", "ddpm_step_csrc", "ddim_step_csrc", "dpmpp2m_step_csrc", "load_error"]
 
 # The compiled modules are empty: importing them only loads the shared libraries, whose static initialisers
 # register the schemas (TORCH_LIBRARY in csrc/ops.cpp) and the kernels (TORCH_LIBRARY_IMPL per device) with
@@ -97,10 +106,20 @@ def _fake_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None,
     return None
 
 
+def _fake_dpmpp2m_step(x: Tensor, model_out: Tensor, coef: Tensor, prev: Tensor, out: Tensor, *,
+                       guide: str = "none", fresh: Tensor | None = None, h: Tensor | None = None,
+                       prediction: str = "eps", learned_var: bool = False, clip: bool = True,
+                       cfg_channels: int | None = None) -> None:
+    torch._check(prev.shape == x.shape, lambda: f"cg_fast step: prev must have the shape of x {tuple(x.shape)}")
+    return _fake_step(x, model_out, coef, None, out, guide=guide, fresh=fresh, h=h, prediction=prediction,
+                      learned_var=learned_var, clip=clip, cfg_channels=cfg_channels)
+
+
 if _C is not None and not getattr(_C, "_cg_fast_fakes_registered", False):
     # Once per process (the flag lives on the extension module, which survives a reload of this file).
     torch.library.register_fake("cg_fast::ddpm_step", _fake_step)
     torch.library.register_fake("cg_fast::ddim_step", _fake_step)
+    torch.library.register_fake("cg_fast::dpmpp2m_step", _fake_dpmpp2m_step)
     _C._cg_fast_fakes_registered = True
 
 
@@ -180,4 +199,38 @@ def ddim_step_csrc(
     torch.ops.cg_fast.ddim_step(x, model_out, coef, noise, out, guide=guide, fresh=fresh, h=h,
                                 prediction=prediction, learned_var=learned_var, clip=clip,
                                 cfg_channels=cfg_channels, seeds=seeds, step_index=_step_index(x, step_index))
+    return out
+
+
+def dpmpp2m_step_csrc(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor | None = None,
+    *,
+    prev: Tensor | None = None,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
+) -> Tensor:
+    """One fused DPM-Solver++ 2M step (spec §5 "DPM-Solver++"), returns x at the next level.
+
+    Arguments and results as :func:`cg_fast.kernels.reference.dpmpp2m_step_ref`: guidance as :func:`ddim_step_csrc`;
+    ``prev`` (float32 like x) holds the previous step's data prediction and is overwritten with this step's;
+    deterministic (``noise``, ``seeds`` and ``step_index`` must be None).
+    """
+    check_step_args(guide, fresh, h, cfg_channels, prediction)
+    check_prev_arg(x, prev)
+    check_no_noise_args(noise, seeds, step_index)
+    out = _out_like(x, out)
+    torch.ops.cg_fast.dpmpp2m_step(x, model_out, coef, prev, out, guide=guide, fresh=fresh, h=h,
+                                   prediction=prediction, learned_var=learned_var, clip=clip,
+                                   cfg_channels=cfg_channels)
     return out

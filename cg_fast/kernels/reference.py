@@ -27,7 +27,7 @@ from torch import Tensor
 from .rng import counter_normal
 from .table import Col
 
-__all__ = ["ddpm_step_ref", "ddim_step_ref", "dpmpp2m_step_ref", "check_step_args", "check_prev_arg", "check_noise_args", "GUIDE_KINDS", "PREDICTIONS"]
+__all__ = ["ddpm_step_ref", "ddim_step_ref", "dpmpp2m_step_ref", "check_step_args", "check_prev_arg", "check_no_noise_args", "check_noise_args", "GUIDE_KINDS", "PREDICTIONS"]
 
 GUIDE_KINDS = ("none", "classifier", "cfg")
 PREDICTIONS = ("eps", "x0", "v")
@@ -255,6 +255,12 @@ def check_prev_arg(x: Tensor, prev: Tensor | None) -> None:
                          f"{getattr(prev, 'dtype', type(prev).__name__)} {tuple(getattr(prev, 'shape', ()))}")
 
 
+def check_no_noise_args(noise: Tensor | None, seeds: Tensor | None, step_index: int | Tensor | None) -> None:
+    """DPM-Solver++ 2M is deterministic: ``noise``, ``seeds`` and ``step_index`` must all be None."""
+    if noise is not None or seeds is not None or step_index is not None:
+        raise ValueError("dpmpp2m is deterministic: pass noise=None and no seeds / step_index")
+
+
 def dpmpp2m_step_ref(
     x: Tensor,
     model_out: Tensor,
@@ -285,8 +291,7 @@ def dpmpp2m_step_ref(
     """
     check_step_args(guide, fresh, h, cfg_channels, prediction, x, model_out)
     check_prev_arg(x, prev)
-    if noise is not None or seeds is not None or step_index is not None:
-        raise ValueError("dpmpp2m is deterministic: pass noise=None and no seeds / step_index")
+    check_no_noise_args(noise, seeds, step_index)
     nd = x.dim()
     eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
     if guide == "cfg":

@@ -17,6 +17,7 @@ of 4 per value read; the per-row coefficients are 21 floats per program, negligi
     DDPM, fixed variance, no guidance            x, eps, z                    x'         16
     DDPM, learned variance                       x, eps, v, z                 x'         20
     DDIM (learned variance channels not read)    x, eps, z                    x'         16
+    DPM-Solver++ 2M (deterministic, no z)        x, eps, prev                 x', prev   20
     + classifier, fresh g, no cache (drop/comp.)  + g                                    +4
     + cache state h, skipped step (h <- H_DECAY h)  + h                       + h        +8
     + cache state h and fresh g (guided step)       + g, h                    + h        +12
@@ -66,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reference import check_noise_args, check_step_args
+from .reference import check_no_noise_args, check_noise_args, check_prev_arg, check_step_args
 from .table import NUM_COLS, Col
 from .triton_rng import counter_normal_block
 
@@ -77,7 +78,7 @@ try:  # triton is optional: without it this module imports and available() says 
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = libdevice = None
 
-__all__ = ["available", "ddpm_step_triton", "ddim_step_triton", "BLOCK"]
+__all__ = ["available", "ddpm_step_triton", "ddim_step_triton", "dpmpp2m_step_triton", "BLOCK"]
 
 BLOCK = 1024  # elements per program: 8 per thread at 4 warps, 128-bit loads
 _GUIDE_CODE = {"none": 0, "classifier": 1, "cfg": 2}  # constexpr GUIDE of the kernels
@@ -132,6 +133,9 @@ if triton is not None:
     _GUIDE_S = tl.constexpr(int(Col.GUIDE_S))
     _H_DECAY = tl.constexpr(int(Col.H_DECAY))
     _G_WEIGHT = tl.constexpr(int(Col.G_WEIGHT))
+    _DPM_CX = tl.constexpr(int(Col.DPM_CX))
+    _DPM_C0 = tl.constexpr(int(Col.DPM_C0))
+    _DPM_C1 = tl.constexpr(int(Col.DPM_C1))
     # libdevice's expf (torch's exp on CUDA) where compiled; the interpreter has no libdevice, numpy's exp there
     _ACCURATE_EXP = tl.constexpr(not _INTERPRETED)
 
@@ -295,6 +299,49 @@ if triton is not None:
             z = tl.load(z_ptr + b * n + i, mask=mask, other=0.0)
         tl.store(out_ptr + b * n + i, mean + noise_scale * z, mask=mask)
 
+    @triton.jit
+    def _dpmpp2m_step_kernel(
+        x_ptr, o_ptr, c_ptr, p_ptr, f_ptr, h_ptr, out_ptr,  # p: prev, the previous step's x0 (read, then x0)
+        n, o_row, f_row, c_row, c_col, guided_limit,
+        PRED: tl.constexpr, CLIP: tl.constexpr, GUIDE: tl.constexpr,
+        HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One DPM-Solver++ 2M step (spec §5 "DPM-Solver++", guidance as DDIM) on one block of one row.
+
+        Deterministic (no z); variance channels of a learned-variance output are never read.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        c_ptr += b * c_row
+        sqrt_recip_ac, sqrt_recipm1_ac = _col(c_ptr, _SQRT_RECIP_AC, c_col), _col(c_ptr, _SQRT_RECIPM1_AC, c_col)
+        sqrt_ac, sqrt_1m_ac = _col(c_ptr, _SQRT_AC, c_col), _col(c_ptr, _SQRT_1M_AC, c_col)
+        s, h_decay, g_weight = _col(c_ptr, _GUIDE_S, c_col), _col(c_ptr, _H_DECAY, c_col), _col(c_ptr, _G_WEIGHT, c_col)
+        cx, c0, c1 = _col(c_ptr, _DPM_CX, c_col), _col(c_ptr, _DPM_C0, c_col), _col(c_ptr, _DPM_C1, c_col)
+
+        x = tl.load(x_ptr + b * n + i, mask=mask, other=0.0)
+        eps = tl.load(o_ptr + b * o_row + i, mask=mask, other=0.0).to(tl.float32)
+        if GUIDE == 2:
+            if HAS_FRESH or HAS_H:
+                eps = _cfg_combine(eps, f_ptr + b * f_row + i, h_ptr + b * n + i, i, mask, guided_limit,
+                                   s, h_decay, g_weight, HAS_FRESH, HAS_H)
+        x0 = _pred_x0(x, eps, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac, PRED, CLIP)
+        # classifier guidance shifts the score: eps' = eps - sqrt(1 - alpha_bar) * (a * s), x0 from eps'
+        if GUIDE == 1:
+            if HAS_FRESH or HAS_H:
+                g = 0.0
+                if HAS_FRESH:
+                    g = tl.load(f_ptr + b * f_row + i, mask=mask, other=0.0).to(tl.float32)
+                a = _applied_guidance(g, h_ptr + b * n + i, mask, h_decay, g_weight, HAS_FRESH, HAS_H)
+                e = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
+                e = e - _col(c_ptr, _DDIM_SQRT_1M_AC, c_col) * (a * s)
+                x0 = sqrt_recip_ac * x - sqrt_recipm1_ac * e
+        # x' = CX x + C0 x0 + C1 (x0 - x0_prev) (multistep, data prediction), then prev <- the guided x0
+        x0_prev = tl.load(p_ptr + b * n + i, mask=mask, other=0.0)
+        x_next = cx * x + c0 * x0 + c1 * (x0 - x0_prev)
+        tl.store(p_ptr + b * n + i, x0, mask=mask)
+        tl.store(out_ptr + b * n + i, x_next, mask=mask)
+
 
 # -------------------------------------------------------------------------------------------------------------
 # Launchers
@@ -401,14 +448,19 @@ def _meta(t: Any) -> tuple | None:
 def _plan(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, guide: str,
           fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
           cfg_channels: int | None, out: Tensor | None, seeds: Tensor | None,
-          step_index: int | Tensor | None) -> _Plan:
+          step_index: int | Tensor | None, prev: Tensor | None = None) -> _Plan:
     """Validate a new signature and work out its launch (the slow path, once per signature)."""
     check_step_args(guide, fresh, h, cfg_channels if isinstance(cfg_channels, int) else None, prediction)
-    _check_shapes(x, model_out, coef, noise, guide, fresh, h, learned_var, cfg_channels, out)
-    check_noise_args(x, noise, seeds, step_index)
+    dpm = family == "dpmpp2m"  # deterministic: prev instead of noise
+    _check_shapes(x, model_out, coef, None if dpm else noise, guide, fresh, h, learned_var, cfg_channels, out)
+    if dpm:
+        check_prev_arg(x, prev)
+        check_no_noise_args(noise, seeds, step_index)
+    else:
+        check_noise_args(x, noise, seeds, step_index)
     _check_runnable(x)
     batch, n = x.shape[0], math.prod(x.shape[1:])
-    counter = noise is None  # counter-based noise, computed in the kernel (rng.py layout)
+    counter = noise is None and not dpm  # counter-based noise, computed in the kernel (rng.py layout)
     if counter and n > 1 << 34:
         raise ValueError(f"counter-based noise covers at most 2^34 elements per row, got {n}")
     launch = None
@@ -416,16 +468,19 @@ def _plan(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor
         blocks = triton.cdiv(n, BLOCK)
         if blocks > _MAX_GRID_Y and x.device.type == "cuda":
             raise ValueError(f"a row of x has {n} elements, more than {_MAX_GRID_Y * BLOCK} that one launch covers")
-        launch = (_ddpm_step_kernel if family == "ddpm" else _ddim_step_kernel)[(batch, blocks)]
+        kernel = {"ddpm": _ddpm_step_kernel, "ddim": _ddim_step_kernel, "dpmpp2m": _dpmpp2m_step_kernel}[family]
+        launch = kernel[(batch, blocks)]
     constexprs = dict(PRED=_PRED_CODE[prediction], CLIP=bool(clip), GUIDE=_GUIDE_CODE[guide],
                       HAS_FRESH=fresh is not None, HAS_H=h is not None, BLOCK=BLOCK, COUNTER=counter,
                       enable_fp_fusion=False)  # no FMA contraction: the reference's ops round one at a time
     if family == "ddpm":
         constexprs["LEARNED"] = bool(learned_var)
+    if dpm:
+        del constexprs["COUNTER"]
     scalars = (n, math.prod(model_out.shape[1:]), math.prod(fresh.shape[1:]) if fresh is not None else n,
                coef.stride(0) if coef.shape[0] > 1 else 0, coef.stride(1),
                _guided_limit(n, x.shape[1], guide, cfg_channels))
-    fast = all(t is None or t.is_contiguous() for t in (x, model_out, noise, fresh, h, seeds)) and \
+    fast = all(t is None or t.is_contiguous() for t in (x, model_out, noise, fresh, h, seeds, prev)) and \
         (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
     step_stride = 1 if counter and isinstance(step_index, Tensor) and step_index.numel() > 1 else 0
     return _Plan(launch, scalars, constexprs, fast, x.device.index if x.device.type == "cuda" else None,
@@ -435,7 +490,7 @@ def _plan(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor
 def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, *, guide: str,
             fresh: Tensor | None, h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
             cfg_channels: int | None, out: Tensor | None, seeds: Tensor | None = None,
-            step_index: int | Tensor | None = None) -> Tensor:
+            step_index: int | Tensor | None = None, prev: Tensor | None = None) -> Tensor:
     """Validate (once per signature), lay out as [B, n] / [B, k n], allocate, launch on a (B, blocks) grid.
 
     The host cost matters at small sizes without CUDA graphs (the kernel itself runs for microseconds), so a
@@ -444,24 +499,26 @@ def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tens
     """
     key = (family, guide, prediction, bool(learned_var), bool(clip), cfg_channels, type(cfg_channels),
            _meta(x), _meta(model_out), _meta(coef), _meta(noise), _meta(fresh), _meta(h), _meta(out),
-           _meta(seeds), _meta(step_index))
+           _meta(seeds), _meta(step_index), _meta(prev))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(family, x, model_out, coef, noise, guide, fresh, h, prediction, learned_var, clip,
-                     cfg_channels, out, seeds, step_index)
+                     cfg_channels, out, seeds, step_index, prev)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
-    counter = noise is None
+    dpm = family == "dpmpp2m"
+    counter = noise is None and not dpm
     if plan.fast:  # the hot path: no copies, no allocation when out is given
-        xc, oc, zc, fc, hc, sc = x, model_out, noise, fresh, h, seeds
+        xc, oc, zc, fc, hc, sc, pc = x, model_out, noise, fresh, h, seeds, prev
         dst = out if out is not None else torch.empty_like(x)
     else:
         xc, oc = x.contiguous(), model_out.contiguous()
-        zc = None if counter else noise.contiguous()
+        zc = None if counter or dpm else noise.contiguous()
         sc = seeds.contiguous() if counter else None
         fc = fresh.contiguous() if fresh is not None else None
         hc = h if h is None or h.is_contiguous() else h.contiguous()  # written back below when copied
+        pc = prev if prev is None or prev.is_contiguous() else prev.contiguous()  # likewise
         direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
         dst = out if direct else torch.empty_like(xc, memory_format=torch.contiguous_format)
     if plan.launch is not None:
@@ -469,8 +526,13 @@ def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tens
             jc = step_index if isinstance(step_index, Tensor) and step_index.dtype == torch.int64 \
                 and step_index.is_contiguous() else torch.as_tensor(step_index, dtype=torch.int64, device=x.device)
             jc = jc.reshape(-1)
-        args = (xc, oc, coef, xc if counter else zc, fc if fc is not None else xc, hc if hc is not None else xc,
-                dst, *plan.scalars, sc if counter else xc, jc if counter else xc, plan.step_stride)
+        if dpm:
+            args = (xc, oc, coef, pc, fc if fc is not None else xc, hc if hc is not None else xc, dst,
+                    *plan.scalars)
+        else:
+            args = (xc, oc, coef, xc if counter else zc, fc if fc is not None else xc,
+                    hc if hc is not None else xc, dst, *plan.scalars, sc if counter else xc,
+                    jc if counter else xc, plan.step_stride)
         if plan.device_index is None or plan.device_index == torch.cuda.current_device():
             plan.launch(*args, **plan.constexprs)
         else:  # Triton launches on the current device's stream: make it x's device (e.g. x on cuda:1)
@@ -479,6 +541,8 @@ def _launch(family: str, x: Tensor, model_out: Tensor, coef: Tensor, noise: Tens
     if not plan.fast:
         if hc is not None and hc is not h:
             h.copy_(hc)
+        if pc is not None and pc is not prev:
+            prev.copy_(pc)
         if out is not None and dst is not out:
             return out.copy_(dst)
     return dst
@@ -549,3 +613,32 @@ def ddim_step_triton(
     return _launch("ddim", x, model_out, coef, noise, guide=guide, fresh=fresh, h=h, prediction=prediction,
                    learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out, seeds=seeds,
                    step_index=step_index)
+
+
+def dpmpp2m_step_triton(
+    x: Tensor,
+    model_out: Tensor,
+    coef: Tensor,
+    noise: Tensor | None = None,
+    *,
+    prev: Tensor | None = None,
+    guide: str = "none",
+    fresh: Tensor | None = None,
+    h: Tensor | None = None,
+    prediction: str = "eps",
+    learned_var: bool = False,
+    clip: bool = True,
+    cfg_channels: int | None = None,
+    out: Tensor | None = None,
+    seeds: Tensor | None = None,
+    step_index: int | Tensor | None = None,
+) -> Tensor:
+    """One fused DPM-Solver++ 2M step (spec §5 "DPM-Solver++", guidance as DDIM), returns x at the next level;
+    semantics of :func:`cg_fast.kernels.reference.dpmpp2m_step_ref`. One pass reads x, the model output, [fresh],
+    [h] and ``prev`` (float32 like x, the previous step's data prediction) and writes x', [h] and ``prev`` <- this
+    step's (guided) x0. Deterministic: ``noise``, ``seeds`` and ``step_index`` must be None. Other arguments as
+    :func:`ddpm_step_triton`; the variance channels of a learned-variance output are not read.
+    """
+    return _launch("dpmpp2m", x, model_out, coef, noise, guide=guide, fresh=fresh, h=h, prediction=prediction,
+                   learned_var=learned_var, clip=clip, cfg_channels=cfg_channels, out=out, seeds=seeds,
+                   step_index=step_index, prev=prev)

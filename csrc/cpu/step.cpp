@@ -1,5 +1,5 @@
-// CPU kernels of cg_fast::ddpm_step / cg_fast::ddim_step (spec §4-§6): the whole sampler step, guidance and
-// cache update in one memory pass, bitwise equal to cg_fast/kernels/reference.py on the CPU.
+// CPU kernels of cg_fast::ddpm_step / ddim_step / dpmpp2m_step (spec §4-§6): the whole sampler step, guidance
+// and cache update in one memory pass, bitwise equal to cg_fast/kernels/reference.py on the CPU.
 //
 // How it is organised. The work is split into tasks of one batch row x up to kChunk elements (coefficients are
 // per row), run in parallel with OpenMP. Per task:
@@ -9,7 +9,8 @@
 //   3. (counter-based noise) z of the chunk into a stage buffer: Philox4x32-10 and Box-Muller with torch's own
 //      log / cos / sin (cg_fast/kernels/rng.py, csrc/philox.h), instead of reading a noise tensor;
 //   4. one loop over the chunk that reads x, the model output, z, g and h, and writes h and x' (DDPM: x0, mean,
-//      guidance, noise; DDIM: x0, score shift, DDIM update).
+//      guidance, noise; DDIM: x0, score shift, DDIM update; DPM-Solver++ 2M: x0, score shift, the multistep
+//      update from prev, which then receives x0; no z).
 // The loops are branch-free (modes are template parameters or loop invariants) under `#pragma omp simd`, so
 // GCC vectorises them; the chunk function is compiled for AVX-512, AVX2 and the baseline ISA (target_clones).
 // Stage buffers are 4 KiB and stay in L1. The per-element formulas are those of csrc/step_math.h, shared with
@@ -20,7 +21,8 @@
 //  - the build uses -ffp-contract=off and no -ffast-math, so no FMA contraction and no reassociation;
 //  - exp is the function torch.exp calls on this build (see "exp" below).
 //
-// Memory traffic per element (fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h]: 16-32 bytes,
+// Memory traffic per element (fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h]: 16-32 bytes
+// (dpmpp2m: read x, o, prev, [fresh], [h]; write x', prev, [h]),
 // against ~25 full-tensor operations for the unfused reference. With learned variance, the two exps (as many as
 // the reference computes) are most of the time when the data are in cache.
 #include <ATen/ATen.h>
@@ -357,6 +359,29 @@ CG_INLINE void loop_ddim(float* out, const float* x, const float* CG_RESTRICT ep
   }
 }
 
+// DPM-Solver++ 2M (spec §5 "DPM-Solver++") in one loop: x0 and, at guided steps, the score shift as DDIM;
+// then x' = DPM_CX * x + DPM_C0 * x0 + DPM_C1 * (x0 - prev) and prev <- x0. Deterministic: no z.
+template <int PRED, int MODE>
+CG_INLINE void loop_dpmpp2m(float* out, const float* x, const float* CG_RESTRICT eps_in, const float* CG_RESTRICT g,
+                            float* CG_RESTRICT h, float* CG_RESTRICT prev, const float* c, bool clip, int64_t len) {
+  const float sra = c[SQRT_RECIP_AC], srm1 = c[SQRT_RECIPM1_AC], s1m = c[DDIM_SQRT_1M_AC];
+  const float cx = c[DPM_CX], c0 = c[DPM_C0], c1 = c[DPM_C1];
+  const float h_decay = c[H_DECAY], g_weight = c[G_WEIGHT], s = c[GUIDE_S];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float xi = x[i];
+    float x0 = pred_x0<PRED>(xi, eps_in[i], c, clip);
+    if constexpr (MODE != CACHE_NONE) {
+      const float a = cache_applied<MODE>(MODE == CACHE_FRESH ? 0.0f : h[i], MODE == CACHE_DECAY ? 0.0f : g[i],
+                                          h_decay, g_weight);
+      if constexpr (MODE != CACHE_FRESH) h[i] = a;
+      x0 = x0_from_eps(xi, ddim_shift_eps(eps_from_x0(xi, x0, sra, srm1), s1m, a, s), sra, srm1);
+    }
+    out[i] = dpmpp2m_update(xi, x0, prev[i], cx, c0, c1);
+    prev[i] = x0;
+  }
+}
+
 // Counter-based noise (cg_fast/kernels/rng.py items 2-5). Philox4x32-10 of the quads q0 .. q0 + quads - 1 of
 // one row: w[m][k] = word m of quad q0 + k. Integer arithmetic only: every version gives the same bits.
 constexpr int64_t kQuads = kChunk / 4;  // quads per chunk (a multiple of 16)
@@ -522,9 +547,10 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
   const float* g = p.fresh != nullptr ? as_f32(fbuf, p.fresh, p.f_dtype, b * p.f_row + i0, len) : nullptr;
   const float* eps = as_f32(ebuf, p.model_out, p.o_dtype, b * p.o_row + i0, len);
   CacheMode mode = cache_mode(hs, g);
-  // the noise: read, or counter-based (zero where the row's noise scale is zero: DDIM eta = 0, the last step)
+  // the noise: read, or counter-based (zero where the row's noise scale is zero: DDIM eta = 0, the last step);
+  // none for dpmpp2m
   const float* z = p.noise != nullptr ? p.noise + off : zbuf;
-  if (p.noise == nullptr) {
+  if (p.noise == nullptr && p.method != METHOD_DPMPP2M) {
     if (c[NONZERO] == 0.0f || (p.method == METHOD_DDIM && c[DDIM_SIGMA] == 0.0f)) {
       std::memset(zbuf, 0, sizeof(float) * len);
     } else {
@@ -577,6 +603,15 @@ CG_TARGET_CLONES void step_chunk(const StepArgs& p, int64_t b, int64_t i0, int64
     });
     return;
   }
+  if (p.method == METHOD_DPMPP2M) {
+    with_prediction(p.prediction, [&](auto pred) __attribute__((always_inline)) {
+      with_cache_mode(mode, [&](auto m) __attribute__((always_inline)) {
+        loop_dpmpp2m<decltype(pred)::value, decltype(m)::value>(p.out + off, p.x + off, eps, g, hs, p.prev + off,
+                                                                c, p.clip, len);
+      });
+    });
+    return;
+  }
   with_prediction(p.prediction, [&](auto pred) __attribute__((always_inline)) {
     with_cache_mode(mode, [&](auto m) __attribute__((always_inline)) {
       loop_ddim<decltype(pred)::value, decltype(m)::value>(p.out + off, p.x + off, eps, g, hs, z, c, p.clip,
@@ -622,10 +657,23 @@ void ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::T
   t.finish();
 }
 
+void dpmpp2m_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
+                      const at::Tensor& prev, const at::Tensor& out, c10::string_view guide,
+                      const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
+                      c10::string_view prediction, bool learned_var, bool clip,
+                      std::optional<int64_t> cfg_channels) {
+  StepTensors t = prepare_step("cg_fast::dpmpp2m_step", METHOD_DPMPP2M, x, model_out, coef, std::nullopt, out, guide,
+                               fresh, h, prediction, learned_var, clip, cfg_channels, std::nullopt, std::nullopt,
+                               prev);
+  run_step_cpu(t.args);
+  t.finish();
+}
+
 }  // namespace
 }  // namespace cg_fast
 
 TORCH_LIBRARY_IMPL(cg_fast, CPU, m) {
   m.impl("ddpm_step", &cg_fast::ddpm_step_cpu);
   m.impl("ddim_step", &cg_fast::ddim_step_cpu);
+  m.impl("dpmpp2m_step", &cg_fast::dpmpp2m_step_cpu);
 }

@@ -7,6 +7,7 @@
 // reference except for exp (expf here, MKL / SLEEF there): DDIM and the cache state h are bitwise.
 //
 // Memory traffic per element (fp32): read x, o (1x or 2x), z, [fresh], [h]; write x', [h]. One pass.
+// DPM-Solver++ 2M (METHOD_DPMPP2M): read x, o, prev, [fresh], [h]; write x', prev, [h]; no z.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

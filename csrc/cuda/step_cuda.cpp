@@ -1,4 +1,4 @@
-// CUDA implementations of cg_fast::ddpm_step / cg_fast::ddim_step: validate, then enqueue the kernel of
+// CUDA implementations of cg_fast::ddpm_step / ddim_step / dpmpp2m_step: validate, then enqueue the kernel of
 // csrc/cuda/step.cu on the current stream. Built (as the module cg_fast._C_cuda) only where torch has CUDA and
 // nvcc exists; the schemas are in csrc/ops.cpp (module cg_fast._C, imported first).
 //
@@ -45,12 +45,24 @@ void ddim_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::
   run_step_cuda("cg_fast::ddim_step", t);
 }
 
+void dpmpp2m_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
+                       const at::Tensor& prev, const at::Tensor& out, c10::string_view guide,
+                       const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
+                       c10::string_view prediction, bool learned_var, bool clip,
+                       std::optional<int64_t> cfg_channels) {
+  StepTensors t = prepare_step("cg_fast::dpmpp2m_step", METHOD_DPMPP2M, x, model_out, coef, std::nullopt, out,
+                               guide, fresh, h, prediction, learned_var, clip, cfg_channels, std::nullopt,
+                               std::nullopt, prev);
+  run_step_cuda("cg_fast::dpmpp2m_step", t);
+}
+
 }  // namespace
 }  // namespace cg_fast
 
 TORCH_LIBRARY_IMPL(cg_fast, CUDA, m) {
   m.impl("ddpm_step", &cg_fast::ddpm_step_cuda);
   m.impl("ddim_step", &cg_fast::ddim_step_cuda);
+  m.impl("dpmpp2m_step", &cg_fast::dpmpp2m_step_cuda);
 }
 
 // `import cg_fast._C_cuda` runs the registration above; the module is empty.
