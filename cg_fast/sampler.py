@@ -551,7 +551,7 @@ class Sampler:
                     bufs.t2.copy_(ts2[j])
                 if bufs.z is not None:
                     bufs.draw_noise(generator)
-                else:
+                elif step_js is not None:
                     bufs.step_index.copy_(step_js[j:j + 1])
             else:
                 bufs.coef, bufs.t = rows[j], ts[j]

@@ -340,7 +340,7 @@ def _guidances(clf):
     }
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp2m"])
 @pytest.mark.parametrize("kind", ["none", "classifier-compress", "classifier-momentum", "classifier-skipped-first",
                                   "cfg-batched-channels", "cfg-unbatched-momentum"])
 def test_graphed_sampling_equals_eager(graphs, method, kind):
@@ -357,6 +357,17 @@ def test_graphed_sampling_equals_eager(graphs, method, kind):
         assert torch.equal(graph.stats.on_sampling[j].correct, rec.correct)
     (runner, _), = graph_s._graph_cache.values()
     assert set(runner.graphs) == ({False} if guid is None else {False, True})
+
+
+def test_dpmpp2m_replay_starts_from_a_fresh_prev(graphs):
+    """DPM-Solver++'s carried x0 lives in the captured buffers: a second run must not see the first's."""
+    model, clf = _models()
+    guid = ClassifierGuidance(clf, 2.0, policy=Compress(rate=5), cache="reuse")
+    eager_s, graph_s = _pair(model, "dpmpp2m")
+    first = _sample(graph_s, guid, seed=3)
+    second = _sample(graph_s, guid, seed=4)
+    assert torch.equal(second.x, _sample(eager_s, guid, seed=4).x)
+    assert torch.equal(_sample(graph_s, guid, seed=3).x, first.x) and len(graph_s._graph_cache) == 1
 
 
 def test_global_rng_graphed_equals_eager(graphs):

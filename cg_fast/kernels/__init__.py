@@ -60,7 +60,7 @@ def _load(name: str) -> tuple[Callable, ...] | None:
             ok = getattr(mod, avail_name)()
         except ImportError:
             ok = False
-        _loaded[name] = tuple(getattr(mod, fn, None) for fn in fn_names) if ok else None
+        _loaded[name] = tuple(getattr(mod, fn) for fn in fn_names) if ok else None
         if ok:
             _device_check[name] = getattr(mod, avail_name)
     return _loaded[name]
@@ -120,13 +120,7 @@ def ddim_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None, 
 def dpmpp2m_step(x: Tensor, model_out: Tensor, coef: Tensor, noise: Tensor | None = None, *,
                  impl: str | None = None, **kw) -> Tensor:
     """One fused DPM-Solver++ 2M step; arguments as :func:`cg_fast.kernels.reference.dpmpp2m_step_ref`."""
-    name = resolve(x, impl)
-    fn = _load(name)[2]
-    if fn is None:  # an implementation without this step: the reference, unless that one was asked for
-        if impl not in (None, "auto") or os.environ.get("CG_FAST_KERNELS"):
-            raise RuntimeError(f"kernel implementation {name!r} has no dpmpp2m step; use kernels='reference'")
-        fn = dpmpp2m_step_ref
-    return fn(x, model_out, coef, noise, **kw)
+    return _load(resolve(x, impl))[2](x, model_out, coef, noise, **kw)
 
 
 _BY_METHOD = {"ddpm": ddpm_step, "ddim": ddim_step, "dpmpp2m": dpmpp2m_step}
