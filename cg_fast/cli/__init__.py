@@ -18,6 +18,9 @@ from typing import Callable
 
 from ..policies import POLICY_NAMES, gaps, make_policy
 
+# commands that take guided-diffusion's MODEL_FLAGS / CLASSIFIER_FLAGS verbatim (passed to models.adm.parse_flags)
+FLAG_COMMANDS = ("sample", "export")
+
 # Presets of the demos, documented one per line (what each option's default means).
 DEMO_PRESETS = {
     "default": {"num_samples": 4000, "seeds": [0, 1, 2]},   # GMM: the table in the README
@@ -171,11 +174,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import sample
+    from . import export, sample
 
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
     sample.add_parser(sub)
+    export.add_parser(sub)
 
     d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
     d.add_argument("--testbed", default="digits", choices=["digits", "gmm"],
@@ -224,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "sample":  # only `sample` passes guided-diffusion's flags through
+    if extra and args.command not in FLAG_COMMANDS:  # only these pass guided-diffusion's model flags through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from ..backends import BackendUnavailable
     from ..models.loading import CheckpointError
 
     try:
-        return args.func(args, extra) if args.command == "sample" else args.func(args)
+        return args.func(args, extra) if args.command in FLAG_COMMANDS else args.func(args)
     except (ValueError, TypeError, CheckpointError, BackendUnavailable, FileNotFoundError) as e:
         print(f"cg-fast: error: {e}", file=sys.stderr)
         return 2
