@@ -174,11 +174,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import eval as eval_cmd
     from . import export, sample
 
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
     sample.add_parser(sub)
+    eval_cmd.add_parser(sub)
     export.add_parser(sub)
 
     d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
