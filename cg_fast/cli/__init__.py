@@ -19,7 +19,7 @@ from typing import Callable
 from ..policies import POLICY_NAMES, gaps, make_policy
 
 # commands that take guided-diffusion's MODEL_FLAGS / CLASSIFIER_FLAGS verbatim (passed to models.adm.parse_flags)
-FLAG_COMMANDS = ("sample", "export")
+FLAG_COMMANDS = ("sample", "bench", "export")
 
 # Presets of the demos, documented one per line (what each option's default means).
 DEMO_PRESETS = {
@@ -175,12 +175,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import eval as eval_cmd
-    from . import export, sample
+    from . import bench, export, sample
 
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
     sample.add_parser(sub)
     eval_cmd.add_parser(sub)
+    bench.add_parser(sub)
     export.add_parser(sub)
 
     d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
