@@ -1,7 +1,12 @@
-"""Command line (``cg-fast``, also ``python -m cg_fast``): ``sample`` (the sharded sampling job, cli/sample.py),
-``demo`` (the built-in default job), ``train-testbed`` and ``plan``.
+"""Command line (``cg-fast``, also ``python -m cg_fast``), one module per command where it is more than a few
+lines: ``sample`` (the sharded sampling job, cli/sample.py), ``eval`` (scores of sample batches, cli/eval.py),
+``bench`` (timing of methods x backends x batch sizes, cli/bench.py), ``export`` (ONNX / TensorRT engines
+ahead of time, cli/export.py); ``demo`` (the built-in default job), ``train-testbed`` and ``plan`` live here.
 
     cg-fast sample --model 64x64_diffusion.pt --classifier 64x64_classifier.pt --num_samples 50000
+    cg-fast eval runs/adm64/samples_50000x64x64x3.npz --ref VIRTUAL_imagenet64_labeled.npz --inception-weights W
+    cg-fast bench --steps 50 --batch-sizes 1 16 --backends eager onnx     table, JSON and PNG (digits testbed)
+    cg-fast export --model 64x64_diffusion.pt --batch-size 64             into the engine cache the sampler reads
     cg-fast demo                      policies compared on the trained digits testbed (~1.5 min)
     cg-fast demo --quick              a smaller run (fewer samples and steps)
     cg-fast demo --testbed gmm        policies compared on the exact Gaussian-mixture testbed (~30 s)
