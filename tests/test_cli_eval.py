@@ -216,7 +216,10 @@ def test_bad_input_says_what_to_do(digits_files, tmp_path, capsys):
         ([a, "--ref", str(tmp_path / "inc_stats.npz")], "2048-d statistics but the digits features are 64-d"),
         ([a, "--ref", str(tmp_path / "half.npz")], "mu without sigma"),
         ([a, "--ref", ref, "--features", "digit"], "unknown --features 'digit' (did you mean digits?)"),
+        ([a, "--ref", str(tmp_path / "single.npz")], "holds a single array, not an .npz archive"),
     ]
+    with open(tmp_path / "single.npz", "wb") as f:
+        np.save(f, np.zeros(3))
     for argv, message in cases:
         assert main(["eval", *argv, "--out", "", "--no-progress"]) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -50,7 +50,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="auto (default): classifier guidance with a classifier, else CFG")
     b.add_argument("--scale", type=float, default=None, help="guidance scale (default: the published setting)")
     b.add_argument("--rounds", type=positive_int, default=5, help="timed rounds per case (default 5)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed-in-the-median warm-up runs per case (default 1)")
+    b.add_argument("--warmup", type=int, default=1, help="warm-up runs per case, timed apart (default 1; with 0 one-time costs such as graph "
+                        "capture or ONNX export land in the first round)")
     b.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="network dtype (default: the published setting)")
     b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

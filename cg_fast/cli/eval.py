@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         weights = files_fingerprint([args.inception_weights])
     else:
         ext = digits_extractor(args.digits_weights)
-        weights = files_fingerprint(sorted(Path(args.digits_weights).glob("digits_judge.pt"))) \
-            if args.digits_weights else "shipped"
+        weights = files_fingerprint([Path(args.digits_weights) / "digits_judge.pt"]) if args.digits_weights \
+            else "shipped"
     splits = args.is_splits or (10 if kind == "inception" else 1)
     settings = {"ref": args.ref, "ref_fingerprint": files_fingerprint([args.ref]) if ref_is_file else "digits",
                 "features": kind, "weights": weights, "k": args.k, "is_splits": splits}

@@ -132,7 +132,10 @@ def load_reference(ref: str | os.PathLike, extractor: Extractor,
         raise FileNotFoundError(f"reference {str(ref)!r} does not exist (pass a .npz: a sample batch with arr_0, or "
                                 "statistics mu/sigma such as the ADM evaluator's reference batches)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not an .npz archive")
+        with z:
             files = set(z.files)
             mu = z["mu"] if "mu" in files else None
             sigma = z["sigma"] if "sigma" in files else None
