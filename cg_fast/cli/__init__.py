@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..policies import POLICY_NAMES, gaps, make_policy
+from .common import positive_int as _positive_int
 
 # commands that take guided-diffusion's MODEL_FLAGS / CLASSIFIER_FLAGS verbatim (passed to models.adm.parse_flags)
 FLAG_COMMANDS = ("sample", "bench", "export")
@@ -55,16 +56,6 @@ def _figure(args: argparse.Namespace, out: Path | None, default: str) -> Path | 
             raise ValueError(f"--plot and --out both name {out}: give the figure another name")
         check_writable(figure, "figure")
     return figure
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
