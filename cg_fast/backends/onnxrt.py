@@ -315,6 +315,11 @@ class OnnxDenoiser:
         self.exported += 1
         return entry / "model.onnx"
 
+    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Path:
+        """Ahead of time (``cg-fast export``): the ``model.onnx`` of this call signature, exported into the cache
+        unless a valid entry is there, without running it. ``exported`` / ``loaded`` count it as a call would."""
+        return self._export_or_load(x, t, y)
+
     def _provider_for(self, device: torch.device) -> str:
         have = self._ort.get_available_providers()
         want = self.provider if self.provider != "auto" else ("cuda" if device.type == "cuda" else "cpu")

@@ -175,6 +175,15 @@ class TensorRTDenoiser:
             self._engines[sig] = (engine, context, inputs, outputs[0], in_dtypes, out_dtype)
         return self._engines[sig]
 
+    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Path:
+        """Ahead of time (``cg-fast export``): build (or find in the cache) the engine of this call signature
+        without running it; returns the cached blob's path. ``built`` counts a build."""
+        if x.device.type != "cuda":
+            raise ValueError(f"TensorRT engines are built from CUDA tensors, got x on {x.device}")
+        with torch.cuda.device(x.device):
+            self._engine(x, t, y)
+        return self.cache.paths(self.key(x, t, y))[0]
+
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.device.type != "cuda":
             raise ValueError(f"the tensorrt backend runs on CUDA tensors, got x on {x.device}")

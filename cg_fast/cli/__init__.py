@@ -1,7 +1,12 @@
-"""Command line (``cg-fast``, also ``python -m cg_fast``): ``sample`` (the sharded sampling job, cli/sample.py),
-``demo`` (the built-in default job), ``train-testbed`` and ``plan``.
+"""Command line (``cg-fast``, also ``python -m cg_fast``), one module per command where it is more than a few
+lines: ``sample`` (the sharded sampling job, cli/sample.py), ``eval`` (scores of sample batches, cli/eval.py),
+``bench`` (timing of methods x backends x batch sizes, cli/bench.py), ``export`` (ONNX / TensorRT engines
+ahead of time, cli/export.py); ``demo`` (the built-in default job), ``train-testbed`` and ``plan`` live here.
 
     cg-fast sample --model 64x64_diffusion.pt --classifier 64x64_classifier.pt --num_samples 50000
+    cg-fast eval runs/adm64/samples_50000x64x64x3.npz --ref VIRTUAL_imagenet64_labeled.npz --inception-weights W
+    cg-fast bench --steps 50 --batch-sizes 1 16 --backends eager onnx     table, JSON and PNG (digits testbed)
+    cg-fast export --model 64x64_diffusion.pt --batch-size 64             into the engine cache the sampler reads
     cg-fast demo                      policies compared on the trained digits testbed (~1.5 min)
     cg-fast demo --quick              a smaller run (fewer samples and steps)
     cg-fast demo --testbed gmm        policies compared on the exact Gaussian-mixture testbed (~30 s)
@@ -17,6 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..policies import POLICY_NAMES, gaps, make_policy
+from .common import positive_int as _positive_int
+
+# commands that take guided-diffusion's MODEL_FLAGS / CLASSIFIER_FLAGS verbatim (passed to models.adm.parse_flags)
+FLAG_COMMANDS = ("sample", "bench", "export")
 
 # Presets of the demos, documented one per line (what each option's default means).
 DEMO_PRESETS = {
@@ -47,16 +56,6 @@ def _figure(args: argparse.Namespace, out: Path | None, default: str) -> Path | 
             raise ValueError(f"--plot and --out both name {out}: give the figure another name")
         check_writable(figure, "figure")
     return figure
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -171,11 +170,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import sample
+    from . import eval as eval_cmd
+    from . import bench, export, sample
 
     p = argparse.ArgumentParser(prog="cg-fast", description="Fast guided diffusion sampling with Compress Guidance")
     sub = p.add_subparsers(dest="command", required=True)
     sample.add_parser(sub)
+    eval_cmd.add_parser(sub)
+    bench.add_parser(sub)
+    export.add_parser(sub)
 
     d = sub.add_parser("demo", help="compare guidance policies on a testbed (digits: trained; gmm: exact)")
     d.add_argument("--testbed", default="digits", choices=["digits", "gmm"],
@@ -224,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "sample":  # only `sample` passes guided-diffusion's flags through
+    if extra and args.command not in FLAG_COMMANDS:  # only these pass guided-diffusion's model flags through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from ..backends import BackendUnavailable
     from ..models.loading import CheckpointError
 
     try:
-        return args.func(args, extra) if args.command == "sample" else args.func(args)
+        return args.func(args, extra) if args.command in FLAG_COMMANDS else args.func(args)
     except (ValueError, TypeError, CheckpointError, BackendUnavailable, FileNotFoundError) as e:
         print(f"cg-fast: error: {e}", file=sys.stderr)
         return 2

@@ -59,25 +59,40 @@ TESTBED_MODELS = {"digits-cond": "cond", "digits-uncond": "uncond"}
 TESTBED_CLASSIFIERS = {"digits-guide": "guide", "digits-judge": "judge"}
 
 
+def add_model_args(p: argparse.ArgumentParser, classifier: bool = True) -> None:
+    """The options that name the networks, shared by sample, bench and export: one model spec builds the same
+    network (and so the same weights hash, the key of the engine caches) in every command."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="a named config (--list-models), a checkpoint file, a DiT architecture "
+                        "(DiT-XL/2, with --ckpt) or a testbed network (digits-cond, digits-uncond)")
+    g.add_argument(*ALIASES["checkpoint"], dest="checkpoint", action="append", default=None,
+                   help="the denoiser's checkpoint (guided-diffusion --model_path, DiT --ckpt)")
+    if classifier:
+        g.add_argument("--classifier", default=None,
+                       help="a named classifier config, a checkpoint file, or digits-guide (classifier guidance)")
+        g.add_argument(*ALIASES["classifier_path"], dest="classifier_path", action="append", default=None,
+                       help="the classifier's checkpoint (guided-diffusion --classifier_path)")
+    g.add_argument(*ALIASES["image_size_dit"], dest="image_size_dit", action="append", type=int, default=None,
+                   help="DiT: image size in pixels, 256 or 512 (latents are 1/8 of it)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="a named config with random weights (smoke tests; no checkpoint)")
+    g.add_argument("--list-models", action="store_true", help="print the named configs and exit")
+
+
+def list_models() -> str:
+    """The names --model and --classifier accept, one a line."""
+    from ..models import list_configs
+
+    return "\n".join([*list_configs(), *TESTBED_MODELS, *TESTBED_CLASSIFIERS,
+                      "DiT-XL/2 (and DiT-{S,B,L,XL}/{2,4,8}) with --ckpt"])
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample N images from a checkpoint with a guidance policy (sharded, "
                        "resumable, torchrun)", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="a named config (cg-fast sample --list-models), a checkpoint file, a DiT architecture "
-                        "(DiT-XL/2, with --ckpt) or a testbed network (digits-cond, digits-uncond)")
-    g.add_argument(*ALIASES["checkpoint"], dest="checkpoint", action="append", default=None,
-                   help="the denoiser's checkpoint (guided-diffusion --model_path, DiT --ckpt)")
-    g.add_argument("--classifier", default=None,
-                   help="a named classifier config, a checkpoint file, or digits-guide (classifier guidance)")
-    g.add_argument(*ALIASES["classifier_path"], dest="classifier_path", action="append", default=None,
-                   help="the classifier's checkpoint (guided-diffusion --classifier_path)")
-    g.add_argument(*ALIASES["image_size_dit"], dest="image_size_dit", action="append", type=int, default=None,
-                   help="DiT: image size in pixels, 256 or 512 (latents are 1/8 of it)")
-    g.add_argument("--random-weights", action="store_true",
-                   help="sample a named config with random weights (smoke tests; no checkpoint)")
-    g.add_argument("--list-models", action="store_true", help="print the named configs and exit")
+    add_model_args(p)
 
     s = p.add_argument_group("sampling")
     s.add_argument(*ALIASES["num_samples"], dest="num_samples", action="append", type=int, default=None,
@@ -379,10 +394,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from ..harness import run_job
 
     if args.list_models:
-        from ..models import list_configs
-
-        print("\n".join([*list_configs(), *TESTBED_MODELS, *TESTBED_CLASSIFIERS, "DiT-XL/2 (and DiT-{S,B,L,XL}/"
-                                                                                  "{2,4,8}) with --ckpt"]))
+        print(list_models())
         return 0
     start = time.perf_counter()
     job, rank, world = build_job(args, extra or [])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["inception_features", "INCEPTION_WEIGHTS_FILE"]
+__all__ = ["inception_features", "inception_features_and_logits", "INCEPTION_WEIGHTS_FILE"]
 
 ArrayLike = Tensor | np.ndarray
 
@@ -35,6 +35,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 _EXTRACTOR_NAME = "inception-v3-compat"  # torch-fidelity's registry name of this extractor
 _FEATURE = "2048"                        # the final average pool: the FID features
 _FEATURE_DIM = 2048
+_LOGITS = "logits_unbiased"              # the classifier logits torch-fidelity's Inception score uses
 
 
 def _missing_weights(detail: str) -> str:
@@ -60,9 +61,10 @@ def _extractor_class():
 
 
 @functools.lru_cache(maxsize=1)
-def _load_extractor(cls, weights: str, mtime_ns: int, device: str) -> torch.nn.Module:
+def _load_extractor(cls, weights: str, mtime_ns: int, device: str, outputs: tuple[str, ...] = (_FEATURE,)
+                    ) -> torch.nn.Module:
     """The network on ``device``; cached so that batch-by-batch callers load the weights once."""
-    net = cls(_EXTRACTOR_NAME, [_FEATURE], feature_extractor_weights_path=weights)
+    net = cls(_EXTRACTOR_NAME, list(outputs), feature_extractor_weights_path=weights)
     return net.to(device).eval()
 
 
@@ -102,6 +104,21 @@ def inception_features(images: ArrayLike, weights_path: str | os.PathLike | None
     ``batch_size``: images per forward pass. ``device``: default CUDA when available, else CPU.
     ``layout``: 'auto' infers NCHW/NHWC from where the 1- or 3-channel axis is.
     """
+    return _run(images, weights_path, batch_size, device, layout, (_FEATURE,))[0]
+
+
+def inception_features_and_logits(images: ArrayLike, weights_path: str | os.PathLike | None, batch_size: int = 64,
+                                  device: str | torch.device | None = None,
+                                  layout: Literal["auto", "NCHW", "NHWC"] = "auto") -> tuple[Tensor, Tensor]:
+    """(pool features [n, 2048], class logits [n, K]) in one pass, as :func:`inception_features`; the logits are
+    torch-fidelity's ``logits_unbiased``, what its Inception score uses (``cg_fast.eval.inception_score``)."""
+    feats, logits = _run(images, weights_path, batch_size, device, layout, (_FEATURE, _LOGITS))
+    return feats, logits
+
+
+def _run(images: ArrayLike, weights_path: str | os.PathLike | None, batch_size: int,
+         device: str | torch.device | None, layout: str, outputs: tuple[str, ...]) -> list[Tensor]:
+    """The extractor's ``outputs`` (feature names) for ``images``, each [n, dim] float32 on the CPU."""
     if weights_path is None:
         raise ValueError(_missing_weights("inception_features needs weights_path"))
     weights = Path(weights_path).expanduser()
@@ -112,17 +129,25 @@ def inception_features(images: ArrayLike, weights_path: str | os.PathLike | None
     x = _to_uint8_nchw(images, layout)
     cls = _extractor_class()
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = _load_extractor(cls, str(weights.resolve()), weights.stat().st_mtime_ns, str(dev))
-    out = []
+    net = _load_extractor(cls, str(weights.resolve()), weights.stat().st_mtime_ns, str(dev),
+                          *((outputs,) if outputs != (_FEATURE,) else ()))
+    parts: list[list[Tensor]] = [[] for _ in outputs]
     with torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
             batch = x[i:i + batch_size].contiguous().to(dev)
-            feats = net(batch)
-            feats = feats[0] if isinstance(feats, (tuple, list)) else feats  # a tuple, one entry per feature
-            if feats.shape != (batch.shape[0], _FEATURE_DIM):
-                raise RuntimeError(f"the Inception extractor returned shape {tuple(feats.shape)}, expected "
-                                   f"({batch.shape[0]}, {_FEATURE_DIM}); check the torch-fidelity version")
-            out.append(feats.float().cpu())
-    if not out:
-        return torch.empty(0, _FEATURE_DIM)
-    return torch.cat(out)
+            got = net(batch)
+            got = list(got) if isinstance(got, (tuple, list)) else [got]  # a tuple, one entry per feature
+            if len(got) < len(outputs):
+                raise RuntimeError(f"the Inception extractor returned {len(got)} output(s) for {list(outputs)}; "
+                                   "check the torch-fidelity version")
+            for name, part, out in zip(outputs, parts, got):
+                if name == _FEATURE and out.shape != (batch.shape[0], _FEATURE_DIM):
+                    raise RuntimeError(f"the Inception extractor returned shape {tuple(out.shape)}, expected "
+                                       f"({batch.shape[0]}, {_FEATURE_DIM}); check the torch-fidelity version")
+                if out.ndim != 2 or out.shape[0] != batch.shape[0]:
+                    raise RuntimeError(f"the Inception extractor's {name!r} has shape {tuple(out.shape)}, expected "
+                                       f"({batch.shape[0]}, K); check the torch-fidelity version")
+                part.append(out.float().cpu())
+    if x.shape[0] == 0:
+        return [torch.empty(0, _FEATURE_DIM)] + [torch.empty(0, 0) for _ in outputs[1:]]
+    return [torch.cat(p) for p in parts]
