@@ -17,7 +17,8 @@ Per step j (spec §6, diffusers' formulation ``pred = eps_u + w (eps_c - eps_u)`
 
     guided j:   d_j = eps_c - eps_u,   a_j = H_DECAY_j * h + G_WEIGHT_j * d_j   (h <- a_j for reuse / momentum)
     skipped j:  a_j = H_DECAY_j * h (reuse / momentum), nothing for drop / compress
-    pred_j   = eps_c + (w - 1) a_j   (w with ``use_original_formulation``, where pred = eps_c + w (eps_c - eps_u))
+    pred_j   = eps_c + (w - 1) a_j   (w with ``use_original_formulation``, where pred = eps_c + w (eps_c - eps_u));
+               where a_j is the fresh d_j itself, as diffusers writes it: eps_u + w d_j
 """
 from __future__ import annotations
 
@@ -112,7 +113,9 @@ class CompressGuidance(ClassifierFreeGuidance):
         self.scheduler = scheduler
         # the config must stay JSON-able (repr, save_pretrained, new()): the policy as its name and parameters
         name, params = _policy_config(self.policy)
-        self.register_to_config(policy=name, policy_kwargs=params, scheduler=None)
+        # (and not marked as defaults, which from_config would drop): new() rebuilds the same guider
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in ("policy", "policy_kwargs")]
+        self.register_to_config(policy=name, policy_kwargs=params, scheduler=None, _use_default_values=defaults)
         self._mask: list[bool] | None = None
         self._plan: CachePlan | None = None
         self._h: torch.Tensor | None = None  # the cache state (reuse / momentum), spec §4
@@ -175,15 +178,23 @@ class CompressGuidance(ClassifierFreeGuidance):
         # spec §4: a_j = H_DECAY_j * h + G_WEIGHT_j * d_j; the step's weights as float32, as the step kernels
         h_decay, g_weight = float(torch.tensor(plan.h_decay[j])), float(torch.tensor(plan.g_weight[j]))
         a = None
+        fresh_only = False  # a_j == d_j exactly: the fresh direction, once (full guidance, a first guided step)
         if pred_uncond is not None:
             d = pred_cond - pred_uncond
+            fresh_only = g_weight == 1.0 and (self._h is None or h_decay == 0.0)
             a = d * g_weight if self._h is None else self._h * h_decay + d * g_weight
         elif self._h is not None:
             a = self._h * h_decay
         if plan.stateful and a is not None:
             self._h = a
-        s = self.guidance_scale if self.use_original_formulation else self.guidance_scale - 1.0
-        pred = pred_cond if a is None else pred_cond + float(torch.tensor(s)) * a  # spec §6
+        w = self.guidance_scale
+        if fresh_only:  # written as diffusers' guider writes it, so full guidance is its samples to rounding
+            pred = (pred_cond if self.use_original_formulation else pred_uncond) + w * d
+        elif a is None:
+            pred = pred_cond
+        else:  # spec §6: eps_c + (w - 1) a_j (w for the original formulation)
+            s = w if self.use_original_formulation else w - 1.0
+            pred = pred_cond + float(torch.tensor(s)) * a
         if self.guidance_rescale > 0.0 and a is not None:
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
