@@ -169,6 +169,8 @@ class CompressGuidance(ClassifierFreeGuidance):
         out = super().__call__(data)  # checks len(data) == num_conditions, then forward(...)
         self.stats.denoiser_passes += len(data)
         self.stats.denoiser_rows += sum(int(d.noise_pred.shape[0]) for d in data)
+        if self._mask is not None and self._step == len(self._mask) - 1:
+            self._step = None  # the run is over: until the next one, num_conditions answers for a whole run
         return out
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
