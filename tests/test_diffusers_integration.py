@@ -311,6 +311,25 @@ def test_unsupported_schedulers_say_what_works():
         integ.diffusers_sampler(integ.DiTAdapter(_tiny_dit()), d.DDPMScheduler(variance_type="learned_range"), 10)
 
 
+@pytest.mark.parametrize("name", ["diffusers_compress_guider", "diffusers_sampler", "diffusers_dit"])
+def test_examples_run_offline(name, capsys):
+    """Each example's offline default (tiny random models built from configs), at 4 steps."""
+    _diffusers()
+    if name == "diffusers_compress_guider":
+        pytest.importorskip("transformers", reason="diffusers' SDXL modular blocks import transformers ([test] extra)")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main(["--steps", "4"])
+    if name == "diffusers_compress_guider":
+        assert result["CompCFG"] < result["full CFG"] == 8
+    assert "guided" in capsys.readouterr().out
+
+
 # -- without diffusers ------------------------------------------------------------------------------------------
 def test_blocked_diffusers_import_says_how_to_install_and_cg_fast_works():
     """With ``import diffusers`` failing, the extra's import says how to install it, and cg_fast samples."""
