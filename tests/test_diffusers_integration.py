@@ -82,7 +82,8 @@ def _tiny_unet2d(num_class_embeds: int | None = 11):
     d = _diffusers()
     torch.manual_seed(2)
     unet = d.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                          norm_num_groups=4, attention_head_dim=4, num_class_embeds=num_class_embeds).eval()
     return _settled(unet, 3)
 

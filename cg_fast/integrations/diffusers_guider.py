@@ -2,9 +2,9 @@
 
 Owns :class:`CompressGuidance`, a subclass of diffusers' ``ClassifierFreeGuidance``. It decides, per step, whether
 the pipeline runs the unconditional batch (``num_conditions`` 2 at the steps a cg_fast policy guides, 1 elsewhere),
-keeps the cached direction ``d = eps_c - eps_u`` and applies it with a cg_fast cache mode, from the same plan
-(:func:`cg_fast.cache.cache_plan`) the Sampler's step kernels read. It does not touch the scheduler, the denoiser
-or the latents: the pipeline's loop stays diffusers' own.
+keeps the cached direction ``d = eps_c - eps_u`` and applies it with a cg_fast cache mode, from the plan the
+Sampler's step kernels read (``cg_fast.CFG.plan``, i.e. :func:`cg_fast.cache.cache_plan`). It does not touch the
+scheduler, the denoiser or the latents: the pipeline's loop stays diffusers' own.
 
     from cg_fast.guidance import Compress
     from cg_fast.integrations.diffusers import CompressGuidance
@@ -36,7 +36,8 @@ from diffusers.configuration_utils import register_to_config  # noqa: E402
 from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg  # noqa: E402
 
-from ..cache import CachePlan, cache_plan, check_cache_args  # noqa: E402
+from ..cache import CachePlan, check_cache_args  # noqa: E402
+from ..guidance import CFG  # noqa: E402
 from ..policies import POLICY_NAMES, Policy, make_policy  # noqa: E402
 from ..sampler import SamplingStats  # noqa: E402
 from ..schedules import NoiseSchedule, SpacedSchedule  # noqa: E402
@@ -111,6 +112,9 @@ class CompressGuidance(ClassifierFreeGuidance):
         self.use_original_formulation = use_original_formulation
         self.cache, self.beta, self.decay = cache, float(beta), float(decay)
         self.scheduler = scheduler
+        # the plan comes from a cg_fast CFG, as the Sampler's does (guidance.plan(mask), spec §4)
+        self._cfg = CFG(self.guidance_scale, null_label=0, policy=self.policy, cache=cache, beta=self.beta,
+                        decay=self.decay, channels="all")
         # the config must stay JSON-able (repr, save_pretrained, new()): the policy as its name and parameters
         name, params = _policy_config(self.policy)
         # (and not marked as defaults, which from_config would drop): new() rebuilds the same guider
@@ -151,7 +155,7 @@ class CompressGuidance(ClassifierFreeGuidance):
         super().set_state(step, num_inference_steps, timestep)
         if step == 0 or self._mask is None or len(self._mask) != num_inference_steps:
             self._mask = self.mask(num_inference_steps)
-            self._plan = cache_plan(self._mask, self.cache, self.beta, self.decay)
+            self._plan = self._cfg.plan(self._mask)
             self._h = None
             self.stats = SamplingStats(guided_steps=[j for j, g in enumerate(self._mask) if g])
 
