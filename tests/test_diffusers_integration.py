@@ -303,8 +303,8 @@ def test_unet2d_ddim_loop_parity():
     sched.set_timesteps(10)
     x_t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     want = _diffusers_loop(unet, sched, x_t, None, eta=0.0, use_clipped_model_output=True)
-    sampler = integ.diffusers_sampler(integ.UNet2DModelAdapter(unet), sched, 10, class_cond=False)
-    assert sampler.method == "ddim"
+    sampler = integ.diffusers_sampler(integ.UNet2DModelAdapter(unet), sched, 10)
+    assert sampler.method == "ddim" and not sampler.class_cond
     torch.testing.assert_close(sampler.sample(x_t.shape, noise=x_t).x, want, rtol=1e-5, atol=1e-5)
 
 
@@ -318,6 +318,11 @@ def test_unsupported_schedulers_say_what_works():
         integ.diffusers_sampler(model, d.DDIMScheduler(set_alpha_to_one=False), 10)
     with pytest.raises(ValueError, match="solver_order"):
         integ.diffusers_sampler(model, d.DPMSolverMultistepScheduler(solver_order=3), 10)
+    with pytest.raises(ValueError, match=r"\[K, L, D\]"):
+        integ.UNet2DConditionAdapter(_tiny_sdxl_unet(), torch.randn(5, 16))
+    with pytest.raises(ValueError, match="one row per prompt"):
+        integ.UNet2DConditionAdapter(_tiny_sdxl_unet(), torch.randn(2, 5, 16),
+                                     added_cond_kwargs={"text_embeds": torch.randn(3, 8)})
     with pytest.raises(ValueError, match="keep_variance=True"):
         integ.diffusers_sampler(integ.DiTAdapter(_tiny_dit()), d.DDPMScheduler(variance_type="learned_range"), 10)
 

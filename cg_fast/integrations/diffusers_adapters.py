@@ -58,6 +58,7 @@ class UNet2DModelAdapter(nn.Module):
         self.unet = unet
         cfg = unet.config
         self.num_classes: int | None = cfg.num_class_embeds
+        self.class_cond = self.num_classes is not None  # an unconditional UNet takes no labels (classifier guidance)
         self.null_label = null_label
         self.learn_sigma = cfg.out_channels == 2 * cfg.in_channels
 
@@ -163,11 +164,13 @@ def _fail(scheduler: Any, what: str) -> None:
 
 def sampler_settings(scheduler: Any, num_inference_steps: int) -> dict[str, Any]:
     """The :class:`cg_fast.Sampler` arguments that sample as ``scheduler`` does over ``num_inference_steps``:
-    schedule, method, timesteps (after the scheduler's own ``set_timesteps``), prediction, clip_denoised and,
-    for DDPM, the fixed variance (``variance=None`` with ``learn_sigma=True`` for "learned_range")."""
+    schedule, method, timesteps (those ``set_timesteps`` sets, on a copy of the scheduler), prediction,
+    clip_denoised and, for DDPM, the fixed variance (``variance=None`` with ``learn_sigma=True`` for
+    "learned_range")."""
     d = require("diffusers")
     cfg = scheduler.config
     name = type(scheduler).__name__
+    scheduler = type(scheduler).from_config(cfg)  # a copy: the caller's scheduler keeps its own timesteps
     if cfg.get("prediction_type", "epsilon") not in _PREDICTIONS:
         _fail(scheduler, f"prediction_type={cfg.prediction_type!r}")
     for flag in ("thresholding", "rescale_betas_zero_snr"):
@@ -222,6 +225,8 @@ def diffusers_sampler(model: nn.Module, scheduler: Any, num_inference_steps: int
             f"{type(scheduler).__name__} {'does not use' if own else 'uses'} them: "
             + ("drop them (DiTAdapter(keep_variance=False)) or use DDPMScheduler(variance_type='learned_range')"
                if own else "use DiTAdapter(keep_variance=True) or a fixed variance_type"))
+    if getattr(model, "class_cond", None) is not None:
+        settings["class_cond"] = model.class_cond
     settings.update(overrides)
     schedule = settings.pop("schedule")
     return Sampler(model, schedule, **settings)
