@@ -212,6 +212,20 @@ def test_guider_config_round_trips_and_interval_needs_the_scheduler():
     with pytest.raises(ValueError, match="cache mode"):
         integ.CompressGuidance(cache="hold")
     assert integ.CompressGuidance(guidance_scale=1.0, policy=Full()).mask(4) == [False] * 4  # w = 1: nothing
+    # the cache arithmetic alone (spec §4, §6), eps_c = 1, eps_u = 0, w = 3: reuse holds d through skipped
+    # steps, drop applies nothing there, compress applies m_j = 2 at the guided steps
+    c, u = torch.ones(1, 2), torch.zeros(1, 2)
+    for cache, want in (("reuse", [3.0] * 4), ("drop", [3.0, 1.0, 3.0, 1.0]), ("compress", [5.0, 1.0, 5.0, 1.0])):
+        r = integ.CompressGuidance(guidance_scale=3.0, policy=UniformSkip(rate=2, final=0), cache=cache)
+        assert r.mask(4) == [True, False, True, False]
+        preds = []
+        for j in range(4):
+            r.set_state(j, 4, torch.tensor(999 - j))
+            preds.append(float(r.forward(c, u if r.num_conditions == 2 else None).pred[0, 0]))
+        assert preds == want, cache
+    r.disable()
+    r.set_state(1, 4, torch.tensor(998))
+    assert r.num_conditions == 1 and float(r.forward(c).pred[0, 0]) == 1.0
 
 
 # -- DiT: DiTPipeline's samples from cg_fast's Sampler ---------------------------------------------------------

@@ -181,6 +181,8 @@ class CompressGuidance(ClassifierFreeGuidance):
         j, plan = self._step, self._plan
         if plan is None or j is None:
             raise RuntimeError("CompressGuidance.forward before set_state: the pipeline sets the step first")
+        if not self._enabled:  # disabled by the pipeline (e.g. a guidance-distilled UNet): no guidance at all
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
         # spec §4: a_j = H_DECAY_j * h + G_WEIGHT_j * d_j; the step's weights as float32, as the step kernels
         h_decay, g_weight = float(torch.tensor(plan.h_decay[j])), float(torch.tensor(plan.g_weight[j]))
         a = None
