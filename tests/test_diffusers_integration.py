@@ -330,6 +330,10 @@ def test_unsupported_schedulers_say_what_works():
         integ.diffusers_sampler(model, d.EulerDiscreteScheduler(), 10)
     with pytest.raises(ValueError, match="set_alpha_to_one"):
         integ.diffusers_sampler(model, d.DDIMScheduler(set_alpha_to_one=False), 10)
+    with pytest.raises(ValueError, match="'leading' or 'trailing'"):  # DDIM steps t -> t - 1000 // n
+        integ.diffusers_sampler(model, d.DDIMScheduler(timestep_spacing="linspace"), 10)
+    trailing = integ.diffusers_sampler(model, d.DDIMScheduler(timestep_spacing="trailing"), 10)
+    assert trailing.schedule.original_timesteps_in_sampling_order().tolist()[:2] == [999, 899]
     with pytest.raises(ValueError, match="solver_order"):
         integ.diffusers_sampler(model, d.DPMSolverMultistepScheduler(solver_order=3), 10)
     with pytest.raises(ValueError, match=r"\[K, L, D\]"):
