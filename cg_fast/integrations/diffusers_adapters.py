@@ -201,7 +201,7 @@ def sampler_settings(scheduler: Any, num_inference_steps: int) -> dict[str, Any]
     elif isinstance(scheduler, d.DPMSolverMultistepScheduler):
         want = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", final_sigmas_type="zero",
                     use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-                    use_lu_lambdas=False, variance_type=None)
+                    use_lu_lambdas=False, use_flow_sigmas=False, variance_type=None)
         for key, v in want.items():
             if cfg.get(key, v) != v:
                 _fail(scheduler, f"{key}={cfg.get(key)!r}")
