@@ -351,13 +351,9 @@ def test_examples_run_offline(name, capsys):
     _diffusers()
     if name == "diffusers_compress_guider":
         pytest.importorskip("transformers", reason="diffusers' SDXL modular blocks import transformers ([test] extra)")
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module(f"cg_fast.integrations.examples.{name}")
     result = mod.main(["--steps", "4"])
     if name == "diffusers_compress_guider":
         assert result["CompCFG"] < result["full CFG"] == 8

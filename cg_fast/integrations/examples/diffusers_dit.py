@@ -1,7 +1,7 @@
 """DiT through diffusers: cg_fast's CFG on a DiTTransformer2DModel samples as DiTPipeline does, and CompCFG.
 
-    python examples/diffusers_dit.py                        # offline: a tiny random DiT, in seconds
-    python examples/diffusers_dit.py --model /local/dit-256  # a LOCAL DiTPipeline folder (facebook/DiT-XL-2-256)
+    python -m cg_fast.integrations.examples.diffusers_dit                        # offline: a tiny random DiT, in seconds
+    python -m cg_fast.integrations.examples.diffusers_dit --model /local/dit-256  # a LOCAL DiTPipeline folder (facebook/DiT-XL-2-256)
 
 With full guidance and ``CFG(..., doubled_noise=True)`` the latents are DiTPipeline's for the same
 ``torch.manual_seed`` (all latent channels guided, the learned variance dropped before the scheduler step, null

@@ -1,7 +1,7 @@
 """Compress Guidance inside a diffusers modular pipeline (SDXL): the unconditional batch at a few steps only.
 
-    python examples/diffusers_compress_guider.py                      # offline: a tiny random UNet, in seconds
-    python examples/diffusers_compress_guider.py --model /local/sdxl  # a LOCAL SDXL folder (diffusers layout)
+    python -m cg_fast.integrations.examples.diffusers_compress_guider                      # offline: a tiny random UNet, in seconds
+    python -m cg_fast.integrations.examples.diffusers_compress_guider --model /local/sdxl  # a LOCAL SDXL folder (diffusers layout)
 
 The guider is installed with ``pipe.update_components(guider=...)``; diffusers' own loop, scheduler and blocks
 run unchanged. It prints the denoiser passes of full CFG and of CompCFG (Compress(rate=5, k=1), compress cache).

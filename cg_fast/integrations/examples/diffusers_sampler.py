@@ -1,7 +1,7 @@
 """diffusers UNets in cg_fast's Sampler: the scheduler's settings read from its config, CompCFG on top.
 
-    python examples/diffusers_sampler.py                     # offline: tiny random UNets, in seconds
-    python examples/diffusers_sampler.py --model /local/ddpm  # a LOCAL folder with unet/ and scheduler/
+    python -m cg_fast.integrations.examples.diffusers_sampler                     # offline: tiny random UNets, in seconds
+    python -m cg_fast.integrations.examples.diffusers_sampler --model /local/ddpm  # a LOCAL folder with unet/ and scheduler/
 
 ``diffusers_sampler(adapter, scheduler, steps)`` gives a ``cg_fast.Sampler`` that steps as the scheduler does
 (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler), at the timesteps it sets. Two adapters:
