@@ -1,0 +1,111 @@
+"""The C++ runner from Python: :class:`CppRunner` runs a :class:`~cg_fast.Sampler`'s whole CompG loop in C++
+(``csrc/runner/``, module ``cg_fast._runner``) over AOTInductor packages of the denoiser and the classifier
+gradient, with counter-based noise, so its samples equal ``Sampler(rng="counter")``'s to float rounding.
+
+    runner = CppRunner(sampler, guidance, batch=4)     # packages: compiled into the aoti cache, or loaded
+    x = runner.sample(y, seeds)                         # == sampler.sample(..., seeds=seeds).x  (1e-5)
+    runner.package_paths          # {"denoisers": {B: path}, "classifier_grad": path}: cg_fast::runner::Runner's
+
+This module owns the translation Sampler -> runner inputs (config, table, timesteps, mask); the loop is C++.
+CPU only; the extension is optional (``setup.py``): :func:`runner_unavailable` says why it is missing.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .guidance import CFG, ClassifierGuidance
+from .kernels import rng as rng_mod
+from .sampler import Sampler
+
+__all__ = ["CppRunner", "runner_unavailable", "runner_inputs"]
+
+
+def runner_unavailable() -> str | None:
+    """None if the C++ runner extension can be imported, else why not and what to do."""
+    try:
+        from . import _runner  # noqa: F401
+    except ImportError as e:
+        return (f"the C++ runner extension cg_fast._runner is not built ({e}): it needs a C++ compiler when "
+                "cg_fast is installed (make install; CG_FAST_REQUIRE_RUNNER=1 makes a failed build an error)")
+    return None
+
+
+def runner_inputs(sampler: Sampler, guidance: ClassifierGuidance | CFG | None) -> dict[str, Any]:
+    """The loop's inputs that a Sampler derives for one guidance: ``config`` (keyword arguments of
+    ``cg_fast._runner.Runner``), ``table`` float32 [N, NUM_COLS], ``timesteps`` int64 [N] and ``guided``
+    bool [N]."""
+    if isinstance(guidance, CFG):
+        guidance = sampler.resolve_cfg(guidance)
+    mask = sampler.guided_mask(guidance)
+    kind = "none" if guidance is None else guidance.kind
+    cfg = guidance if isinstance(guidance, CFG) else None
+    config = dict(method=sampler.method, guide=kind, prediction=sampler.prediction, learned_var=sampler.learn_sigma,
+                  clip=sampler.clip_denoised, class_cond=sampler.class_cond,
+                  stateful=bool(guidance is not None and guidance.plan(mask).stateful),
+                  cfg_batched=cfg.batched if cfg is not None else True,
+                  cfg_channels=cfg.channels if cfg is not None else None,
+                  null_label=cfg.null_label if cfg is not None else -1)
+    if cfg is not None and cfg.doubled_noise:
+        raise ValueError("the C++ runner draws counter-based noise; CFG(doubled_noise=True) is torch-generator "
+                         "order only: leave it False")
+    ts = torch.as_tensor(sampler.schedule.original_timesteps_in_sampling_order(), dtype=torch.int64)
+    return {"config": config, "table": sampler.table(guidance).float().contiguous(), "timesteps": ts.contiguous(),
+            "guided": torch.tensor(mask, dtype=torch.bool)}
+
+
+class CppRunner:
+    """A sampler's loop for one guidance and one batch size, run by the C++ runner (see the module docstring).
+
+    Args:
+        sampler:   a :class:`Sampler` (its model an ``nn.Module``); its method, settings and schedule are used.
+        guidance:  :class:`ClassifierGuidance` (the classifier an ``nn.Module``), :class:`CFG` or None.
+        batch:     the batch size B the packages are made for (CFG batched: also 2B).
+        shape:     one sample's shape (default: the model's ``cg_config.input_shape``).
+        cache_dir: the aoti package cache (default ``$CG_FAST_CACHE/aoti``).
+    """
+
+    def __init__(self, sampler: Sampler, guidance: ClassifierGuidance | CFG | None, batch: int,
+                 shape: Sequence[int] | None = None, cache_dir: str | None = None) -> None:
+        why = runner_unavailable()
+        if why is not None:
+            raise RuntimeError(why)
+        from . import _runner
+        from .backends.aoti import AotiClassifierGrad, AotiDenoiser
+
+        if shape is None:
+            cfg = getattr(sampler.model, "cg_config", None)
+            if cfg is None:
+                raise ValueError("pass shape= (one sample's shape, e.g. (3, 8, 8)): the model has no cg_config")
+            shape = cfg.input_shape
+        self.shape = (int(batch), *map(int, shape))
+        self.inputs = runner_inputs(sampler, guidance)
+        c = self.inputs["config"]
+        den = AotiDenoiser(sampler.model, cache_dir=cache_dir)
+        x = torch.zeros(self.shape)
+        t = torch.zeros(batch, dtype=torch.int64)
+        y = torch.zeros(batch, dtype=torch.int64) if c["class_cond"] else None
+        paths = {int(batch): den.prepare(x, t, y)}
+        if c["guide"] == "cfg" and c["cfg_batched"]:
+            paths[2 * int(batch)] = den.prepare(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]))
+        grad = ""
+        if c["guide"] == "classifier":
+            grad = str(AotiClassifierGrad(guidance.classifier, cache_dir=cache_dir).prepare(
+                x, t, torch.zeros(batch, dtype=torch.int64)))
+        self.package_paths = {"denoisers": {b: str(p) for b, p in paths.items()}, "classifier_grad": grad}
+        self._runner = _runner.Runner(self.package_paths["denoisers"], grad, **c)
+
+    def sample(self, y: Tensor | Sequence[int] | None, seeds: Tensor | Sequence[int]) -> Tensor:
+        """Samples [B, ...] for labels ``y`` and per-sample ``seeds`` (as ``Sampler.sample(seeds=...)``)."""
+        b = self.shape[0]
+        s = rng_mod.as_seeds(seeds, b, torch.device("cpu"))
+        yy = None if y is None else torch.as_tensor(y, dtype=torch.int64).reshape(b)
+        i = self.inputs
+        return self._runner.sample(i["table"], i["timesteps"], i["guided"], s, yy, list(self.shape))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Denoiser passes and classifier gradients of the last :meth:`sample`."""
+        return {"denoiser_passes": self._runner.denoiser_passes, "classifier_grads": self._runner.classifier_grads}
