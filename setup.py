@@ -164,6 +164,11 @@ def _extensions() -> tuple[list, dict]:
             except Exception as err:  # compile / link errors of an optional extension
                 if not ext.optional:
                     raise
+                if ext.name == "cg_fast._runner":
+                    _say(f"building cg_fast._runner failed ({type(err).__name__}: {err}); continuing without the C++ "
+                         "runner (cg_fast.runner.CppRunner says so when used; everything else works). Set "
+                         "CG_FAST_REQUIRE_RUNNER=1 to make this an error, CG_FAST_NO_RUNNER=1 to skip it.")
+                    return
                 _say(f"building {ext.name} failed ({type(err).__name__}: {err}); continuing without it: cg_fast "
                      "falls back to the PyTorch reference step kernels. Set CG_FAST_REQUIRE_CSRC=1 to make this "
                      "an error.")
