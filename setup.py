@@ -6,11 +6,11 @@ Metadata lives in pyproject.toml; this file only adds the compiled extensions:
     cg_fast._C_cuda  csrc/cuda/step_cuda.cpp + csrc/cuda/step.cu (CUDA kernels); only with a CUDA build of
                      torch and an nvcc of the same CUDA major version (CUDA_HOME); otherwise it is left
                      out, saying why, and the CPU extension is still built
-    cg_fast._runner  csrc/runner/ (the C++ sampling loop over AOTInductor packages, its bindings) + its own copy
-                     of csrc/cpu/step.cpp (step_kernels.cpp: called directly, no registration). Always optional: a failed build
-                     leaves it out saying why, even with CG_FAST_REQUIRE_CSRC=1 (which covers cg_fast._C), so
-                     the C++ runner can never cost the step operators; CG_FAST_REQUIRE_RUNNER=1 makes its
-                     failure an error too
+    cg_fast._runner  csrc/runner/ (the C++ sampling loop over AOTInductor packages, its bindings) + its own
+                     copy of csrc/cpu/step.cpp (step_kernels.cpp: called directly, no registration). Always
+                     optional: a failed build leaves it out saying why, even with CG_FAST_REQUIRE_CSRC=1 (which
+                     covers cg_fast._C), so the C++ runner can never cost the step operators;
+                     CG_FAST_REQUIRE_RUNNER=1 makes its failure an error too
 
 They are compiled against the torch that is installed, so build with ``pip install --no-build-isolation``
 (``make install`` does). torch is deliberately not a build requirement: an isolated build would download

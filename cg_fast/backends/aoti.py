@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from .engine_cache import EngineCache, EngineKey, state_signature
 
-__all__ = ["AotiDenoiser", "AotiClassifierGrad", "default_aoti_cache_dir", "package_key", "FORMAT_VERSION"]
+__all__ = ["AotiDenoiser", "AotiClassifierGrad", "make_classifier_grad", "default_aoti_cache_dir", "package_key",
+           "FORMAT_VERSION"]
 
 FORMAT_VERSION = "1"  # bump when what a package computes or how it is called changes
 
@@ -70,8 +71,6 @@ class _Packaged:
         if not isinstance(model, nn.Module):
             raise TypeError(f"the aoti backend needs an nn.Module (its weights key the package cache), got "
                             f"{type(model).__name__}: wrap the function in a module, or use backend='eager'")
-        from .onnxrt import model_fingerprint  # noqa: F401 (import check: the key's fingerprint)
-
         self.model = model
         self.cache = EngineCache(cache_dir if cache_dir is not None else default_aoti_cache_dir(), suffix=".pt2")
         self.watch_weights = watch_weights
@@ -143,10 +142,6 @@ class _Packaged:
             run = torch._inductor.aoti_load_package(str(path))
             self._loaded[digest] = run
         return run
-
-    def package_path(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Path:
-        """The package file of this call signature (compiled into the cache first if missing)."""
-        return self.prepare(x, t, y)
 
 
 class AotiDenoiser(_Packaged):
