@@ -6,11 +6,17 @@ gradient, with counter-based noise, so its samples equal ``Sampler(rng="counter"
     x = runner.sample(y, seeds)                         # == sampler.sample(..., seeds=seeds).x  (1e-5)
     runner.package_paths          # {"denoisers": {B: path}, "classifier_grad": path}: cg_fast::runner::Runner's
 
+Without Python at run time: :func:`save_plan` writes the inputs to one file, and ``cg_fast_run`` (the program of
+``csrc/runner/main.cpp``, :func:`build_program` compiles it against libtorch) samples from the plan and the
+packages.
+
 This module owns the translation Sampler -> runner inputs (config, table, timesteps, mask); the loop is C++.
 CPU only; the extension is optional (``setup.py``): :func:`runner_unavailable` says why it is missing.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +26,9 @@ from .guidance import CFG, ClassifierGuidance
 from .kernels import rng as rng_mod
 from .sampler import Sampler
 
-__all__ = ["CppRunner", "runner_unavailable", "runner_inputs"]
+__all__ = ["CppRunner", "runner_unavailable", "runner_inputs", "save_plan", "build_program"]
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
 def runner_unavailable() -> str | None:
@@ -54,6 +62,34 @@ def runner_inputs(sampler: Sampler, guidance: ClassifierGuidance | CFG | None) -
     ts = torch.as_tensor(sampler.schedule.original_timesteps_in_sampling_order(), dtype=torch.int64)
     return {"config": config, "table": sampler.table(guidance).float().contiguous(), "timesteps": ts.contiguous(),
             "guided": torch.tensor(mask, dtype=torch.bool)}
+
+
+def save_plan(sampler: Sampler, guidance: ClassifierGuidance | CFG | None, path: str | os.PathLike) -> Path:
+    """Write :func:`runner_inputs` to ``path`` (``torch.save`` of a dict), the file ``cg_fast::runner::load_plan``
+    and ``cg_fast_run`` read."""
+    inp = runner_inputs(sampler, guidance)
+    path = Path(path)
+    torch.save({"config": inp["config"], "table": inp["table"], "timesteps": inp["timesteps"],
+                "guided": inp["guided"]}, path)
+    return path
+
+
+def build_program(build_dir: str | os.PathLike, verbose: bool = False) -> Path:
+    """Compile ``cg_fast_run`` (csrc/runner/main.cpp + the runner + its copy of the CPU step kernels) against the
+    installed libtorch into ``build_dir``; returns the executable. Needs the source tree (an editable install)
+    and a C++ compiler; takes a minute or two."""
+    from torch.utils.cpp_extension import load
+
+    sources = [CSRC / "runner" / name for name in ("main.cpp", "runner.cpp", "step_kernels.cpp")]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the C++ runner's sources are not here ({', '.join(missing)}): build_program needs "
+                                "cg_fast's source tree (pip install -e .)")
+    Path(build_dir).mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    exe = load("cg_fast_run", [str(p) for p in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+               build_directory=str(build_dir), is_python_module=False, is_standalone=True, verbose=verbose)
+    return Path(exe)
 
 
 class CppRunner:

@@ -140,3 +140,15 @@ def test_export_cli_then_pipeline_serves_from_the_packages(tmp_path, monkeypatch
                       backend=backend, device="cpu") as pipe:
             samples[backend] = pipe([3, 5], seeds=[1, 2]).images
     assert (samples["aoti"] - samples["eager"]).abs().max().item() < 1e-4
+
+
+def test_export_refuses_a_classifier_for_formats_that_run_it_in_pytorch(capsys):
+    from cg_fast.cli import main
+
+    assert main(["export", "--model", "digits-uncond", "--classifier", "digits-guide", "--format", "onnx"]) == 2
+    assert "--format aoti" in capsys.readouterr().err
+
+
+def test_a_plain_function_is_refused_with_what_to_do():
+    with pytest.raises(TypeError, match="nn.Module"):
+        AotiDenoiser(lambda x, t, y=None: x)

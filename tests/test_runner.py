@@ -86,3 +86,41 @@ def test_inputs_and_errors(nets):
         _runner.Runner({2: "/nonexistent.pt2"}, "", guide="classifier")
     with pytest.raises(RuntimeError, match="unknown method"):
         _runner.Runner({2: "/nonexistent.pt2"}, "", method="euler")
+
+
+def test_plan_file_round_trip(nets, tmp_path):
+    """save_plan writes what the C++ side reads back (cg_fast::runner::load_plan)."""
+    from cg_fast import _runner
+    from cg_fast.runner import save_plan
+
+    model, clf = nets
+    sampler = Sampler(model, NoiseSchedule.linear(1000), "5", "ddim", rng="counter")
+    guid = ClassifierGuidance(clf, 2.0, policy=Compress(rate=2, k=1), cache="momentum")
+    want = runner_inputs(sampler, guid)
+    config, table, timesteps, guided = _runner.load_plan(str(save_plan(sampler, guid, tmp_path / "plan.pt")))
+    assert config == want["config"]
+    assert torch.equal(table, want["table"]) and torch.equal(timesteps, want["timesteps"])
+    assert torch.equal(guided, want["guided"])
+
+
+@pytest.mark.skipif(not os.environ.get("CG_FAST_TEST_PROGRAM"),
+                    reason="compiles cg_fast_run (1-3 min): set CG_FAST_TEST_PROGRAM=1")
+def test_the_program_samples_without_python(nets, tmp_path):
+    """cg_fast_run (csrc/runner/main.cpp, libtorch only) reads the plan and packages and writes the Python
+    sampler's samples."""
+    import subprocess
+
+    from cg_fast.runner import build_program, save_plan
+
+    model, clf = nets
+    sampler = Sampler(model, NoiseSchedule.linear(1000), "8", "ddpm", rng="counter")
+    guid = ClassifierGuidance(clf, 2.0, policy=Compress(rate=3, k=1), cache="compress")
+    paths = CppRunner(sampler, guid, B, shape=SHAPE).package_paths
+    exe = build_program(tmp_path / "build")
+    plan, out = save_plan(sampler, guid, tmp_path / "plan.pt"), tmp_path / "x.pt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    subprocess.run([str(exe), str(plan), str(out), paths["denoisers"][B], "--grad", paths["classifier_grad"],
+                    "--seeds", ",".join(map(str, SEEDS)), "--labels", ",".join(map(str, Y.tolist())),
+                    "--shape", ",".join(map(str, SHAPE))], check=True, env=env, capture_output=True)
+    want, _ = _python(sampler, guid)
+    assert (torch.load(out) - want).abs().max().item() < 1e-5

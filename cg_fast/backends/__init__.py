@@ -53,7 +53,7 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     if name in ("auto", "eager", "compile"):
         return None
     if name == "aoti":
-        if not hasattr(torch._inductor, "aoti_compile_and_package"):
+        if not hasattr(torch._C, "_aoti"):  # (not torch._inductor: importing it costs ~2 s of a cold start)
             return f"backend 'aoti' needs torch >= 2.6 (AOTInductor packages), found {torch.__version__}"
         return None
     if name == "cudagraph":

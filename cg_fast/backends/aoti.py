@@ -61,6 +61,12 @@ def package_key(fingerprint: str, kind: str, inputs: dict[str, Tensor | None], d
                      extra=(("kind", kind), ("format", f"aoti-{FORMAT_VERSION}")))
 
 
+def _load(path: Path) -> Any:
+    """The package's runner, ``runner.run([tensors]) -> [tensors]``: the loader that ``aoti_load_package`` wraps,
+    taken directly, so that serving never imports ``torch._inductor`` (~2 s of a cold start)."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+
 class _Packaged:
     """Shared machinery: key per call signature, compile-or-load through the cache, loaded packages kept."""
 
@@ -139,7 +145,7 @@ class _Packaged:
             path = self.prepare(x, t, y)
             if self.compiled == before:
                 self.loaded += 1
-            run = torch._inductor.aoti_load_package(str(path))
+            run = _load(path)
             self._loaded[digest] = run
         return run
 
@@ -161,8 +167,7 @@ class AotiDenoiser(_Packaged):
         y = None if y is None else y.long().contiguous()
         run = self._runner(x, t, y)
         with torch.no_grad():
-            out = run(x, t) if y is None else run(x, t, y)
-        return out[0] if isinstance(out, (list, tuple)) else out
+            return run.run([x, t] if y is None else [x, t, y])[0]
 
 
 class AotiClassifierGrad(_Packaged):
@@ -182,7 +187,7 @@ class AotiClassifierGrad(_Packaged):
         x, t, y = x.detach().contiguous(), t.long().contiguous(), y.long().contiguous()
         run = self._runner(x, t, y)
         with torch.no_grad():
-            g, logits = run(x, t, y)
+            g, logits = run.run([x, t, y])
         return g, logits
 
 

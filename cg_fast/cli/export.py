@@ -92,14 +92,14 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         return 0
     device = pick_device(args.device)
     formats, skipped = _formats(args.format, device)
-    if "onnx" in formats:
-        backends.resolve("onnx", device)  # missing onnx / onnxruntime / onnxscript: says what to install
-    if "aoti" in formats:
-        backends.resolve("aoti", device)
     wants_classifier = args.classifier is not None or args.classifier_path
     if wants_classifier and "aoti" not in formats:
         raise ValueError("--classifier is packaged by --format aoti only (onnx and tensorrt run the classifier in "
                          "PyTorch): pass --format aoti, or leave --classifier out")
+    if "onnx" in formats:
+        backends.resolve("onnx", device)  # missing onnx / onnxruntime / onnxscript: says what to install
+    if "aoti" in formats:
+        backends.resolve("aoti", device)
     if args.json:
         check_writable(args.json, "--json file")
     flags = parse_flags(extra or [])  # guided-diffusion MODEL_FLAGS; refuses unknown ones with a did-you-mean

@@ -45,5 +45,24 @@ PYBIND11_MODULE(_runner, m) {
           py::arg("table"), py::arg("timesteps"), py::arg("guided"), py::arg("seeds"), py::arg("y"),
           py::arg("shape"))
       .def_property_readonly("denoiser_passes", &Runner::denoiser_passes)
+      .def_property_readonly("method", [](const Runner& r) { return r.config().method; })
       .def_property_readonly("classifier_grads", &Runner::classifier_grads);
+  m.def(
+      "load_plan",
+      [](const std::string& path) {
+        const cg_fast::runner::Plan p = cg_fast::runner::load_plan(path);
+        py::dict config;
+        config["method"] = p.config.method;
+        config["guide"] = p.config.guide;
+        config["prediction"] = p.config.prediction;
+        config["learned_var"] = p.config.learned_var;
+        config["clip"] = p.config.clip;
+        config["class_cond"] = p.config.class_cond;
+        config["stateful"] = p.config.stateful;
+        config["cfg_batched"] = p.config.cfg_batched;
+        config["cfg_channels"] = p.config.cfg_channels.has_value() ? py::cast(*p.config.cfg_channels) : py::none();
+        config["null_label"] = p.config.null_label;
+        return py::make_tuple(config, p.table, p.timesteps, p.guided);
+      },
+      py::arg("path"), "The plan file as the C++ side reads it: (config, table, timesteps, guided).");
 }

@@ -3,8 +3,11 @@
 #include "runner.h"
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <cstdint>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 #include "../cpu/step_cpu.h"
@@ -26,6 +29,38 @@ void check_config(const Config& c) {
   TORCH_CHECK(c.guide != "cfg" || c.class_cond, "cg_fast runner: CFG needs a class-conditional denoiser");
 }
 }  // namespace
+
+Plan load_plan(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  TORCH_CHECK(file, "cg_fast runner: cannot read the plan file ", path, " (cg_fast.runner.save_plan writes one)");
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const c10::IValue root = torch::jit::pickle_load(bytes);
+  TORCH_CHECK(root.isGenericDict(), "cg_fast runner: ", path, " is not a plan (a dict) from cg_fast.runner.save_plan");
+  const auto dict = root.toGenericDict();
+  auto get = [&](const c10::impl::GenericDict& d, const char* key) -> c10::IValue {
+    TORCH_CHECK(d.contains(key), "cg_fast runner: the plan ", path, " has no '", key, "'");
+    return d.at(key);
+  };
+  Plan plan;
+  plan.table = get(dict, "table").toTensor();
+  plan.timesteps = get(dict, "timesteps").toTensor();
+  plan.guided = get(dict, "guided").toTensor();
+  const auto c = get(dict, "config").toGenericDict();
+  Config& cfg = plan.config;
+  cfg.method = get(c, "method").toStringRef();
+  cfg.guide = get(c, "guide").toStringRef();
+  cfg.prediction = get(c, "prediction").toStringRef();
+  cfg.learned_var = get(c, "learned_var").toBool();
+  cfg.clip = get(c, "clip").toBool();
+  cfg.class_cond = get(c, "class_cond").toBool();
+  cfg.stateful = get(c, "stateful").toBool();
+  cfg.cfg_batched = get(c, "cfg_batched").toBool();
+  const c10::IValue channels = get(c, "cfg_channels");
+  if (!channels.isNone()) cfg.cfg_channels = channels.toInt();
+  cfg.null_label = get(c, "null_label").toInt();
+  check_config(cfg);
+  return plan;
+}
 
 Runner::Runner(const std::map<int64_t, std::string>& denoisers, const std::string& classifier_grad, Config config)
     : config_(std::move(config)) {

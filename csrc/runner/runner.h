@@ -11,7 +11,9 @@
 // Inputs of sample(): table float32 [N, NUM_COLS] (Sampler.table(guidance), sampling order), timesteps int64
 // [N] (the ORIGINAL training timesteps the model is called at), guided bool [N] (the policy's mask), seeds
 // int64 [B] (uint64 bits; cg_fast.kernels.rng.sample_seeds), y int64 [B] or undefined (unconditional).
-// Python: cg_fast.runner.CppRunner (bindings in csrc/runner/bindings.cpp, module cg_fast._runner).
+// Or all of them from one file: load_plan("plan.pt") reads what cg_fast.runner.save_plan(sampler, guidance, path)
+// writes (torch.save of a dict; read with torch::pickle_load). csrc/runner/main.cpp is a command-line program
+// over this API. Python: cg_fast.runner.CppRunner (bindings in csrc/runner/bindings.cpp, cg_fast._runner).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,6 +42,18 @@ struct Config {
   std::optional<int64_t> cfg_channels;  // CFG: channels guided (None: all)
   int64_t null_label = -1;          // CFG: the unconditional label
 };
+
+// One run's inputs besides the packages, seeds and labels (see load_plan).
+struct Plan {
+  Config config;
+  at::Tensor table;      // float32 [N, NUM_COLS]
+  at::Tensor timesteps;  // int64 [N]
+  at::Tensor guided;     // bool [N]
+};
+
+// Reads a plan file written by cg_fast.runner.save_plan (torch.save of {"config": {...}, "table", "timesteps",
+// "guided"}). Throws with what is missing or of the wrong type.
+Plan load_plan(const std::string& path);
 
 class Runner {
  public:
