@@ -100,6 +100,16 @@ def test_changed_weights_give_a_new_package(tiny_pair):
     assert den.cache.paths(old)[0].exists() and den.cache.paths(new)[0].exists()
 
 
+def test_a_damaged_package_is_compiled_again(tiny_pair):
+    _, clf = tiny_pair
+    x, t, y = _inputs()
+    grad = AotiClassifierGrad(clf)
+    path = grad.cache.paths(grad.key(x, t, y))[0]
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: its SHA-256 no longer matches the sidecar
+    g, _ = grad(x, t, y)
+    assert grad.compiled == 1 and (g - ClassifierGuidance(clf, 1.0).gradient(x, t, y)[0]).abs().max().item() < 1e-5
+
+
 def test_sampler_aoti_equals_eager_with_classifier_guidance(tiny_pair):
     model, clf = tiny_pair
     sched = NoiseSchedule.linear(1000)
