@@ -6,6 +6,11 @@ Metadata lives in pyproject.toml; this file only adds the compiled extensions:
     cg_fast._C_cuda  csrc/cuda/step_cuda.cpp + csrc/cuda/step.cu (CUDA kernels); only with a CUDA build of
                      torch and an nvcc of the same CUDA major version (CUDA_HOME); otherwise it is left
                      out, saying why, and the CPU extension is still built
+    cg_fast._runner  csrc/runner/ (the C++ sampling loop over AOTInductor packages, its bindings) + its own
+                     copy of csrc/cpu/step.cpp (step_kernels.cpp: called directly, no registration). Always
+                     optional: a failed build leaves it out saying why, even with CG_FAST_REQUIRE_CSRC=1 (which
+                     covers cg_fast._C), so the C++ runner can never cost the step operators;
+                     CG_FAST_REQUIRE_RUNNER=1 makes its failure an error too
 
 They are compiled against the torch that is installed, so build with ``pip install --no-build-isolation``
 (``make install`` does). torch is deliberately not a build requirement: an isolated build would download
@@ -16,6 +21,8 @@ warning, same results). Environment variables:
     CG_FAST_NO_CSRC=1       build no extension
     CG_FAST_NO_CUDA=1       skip the CUDA extension even where it could be built
     CG_FAST_REQUIRE_CSRC=1  make a failed extension build an error (and the csrc tests fail, not skip)
+    CG_FAST_NO_RUNNER=1     skip the C++ runner (cg_fast._runner)
+    CG_FAST_REQUIRE_RUNNER=1  make a failed C++ runner build an error (and its tests fail, not skip)
 """
 from __future__ import annotations
 
@@ -98,6 +105,19 @@ def _extensions() -> tuple[list, dict]:
             optional=optional,
         )
     ]
+    if _flag("CG_FAST_NO_RUNNER"):
+        _say("CG_FAST_NO_RUNNER is set: building without the C++ runner (cg_fast._runner)")
+    else:
+        exts.append(
+            CppExtension(
+                "cg_fast._runner",
+                # step_kernels.cpp: its own copy of csrc/cpu/step.cpp, registering no operator (cg_fast._C does)
+                ["csrc/runner/runner.cpp", "csrc/runner/bindings.cpp", "csrc/runner/step_kernels.cpp"],
+                extra_compile_args={"cxx": CXX_FLAGS},
+                extra_link_args=LINK_FLAGS,
+                optional=not _flag("CG_FAST_REQUIRE_RUNNER"),
+            )
+        )
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     if _flag("CG_FAST_NO_CUDA"):
         _say("CG_FAST_NO_CUDA is set: building the CPU operators only")
@@ -144,6 +164,11 @@ def _extensions() -> tuple[list, dict]:
             except Exception as err:  # compile / link errors of an optional extension
                 if not ext.optional:
                     raise
+                if ext.name == "cg_fast._runner":
+                    _say(f"building cg_fast._runner failed ({type(err).__name__}: {err}); continuing without the C++ "
+                         "runner (cg_fast.runner.CppRunner says so when used; everything else works). Set "
+                         "CG_FAST_REQUIRE_RUNNER=1 to make this an error, CG_FAST_NO_RUNNER=1 to skip it.")
+                    return
                 _say(f"building {ext.name} failed ({type(err).__name__}: {err}); continuing without it: cg_fast "
                      "falls back to the PyTorch reference step kernels. Set CG_FAST_REQUIRE_CSRC=1 to make this "
                      "an error.")

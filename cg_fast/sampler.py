@@ -182,7 +182,8 @@ class Sampler:
                        "reference" (bitwise guided-diffusion on the CPU), "triton" or "csrc".
         backend:       how the denoiser runs (cg_fast.backends): "auto" (CUDA: cudagraph; CPU: eager;
                        TensorRT only when asked for), "eager", "cudagraph" (whole steps replayed as CUDA graphs),
-                       "compile" (torch.compile), "onnx" (ONNX Runtime), "tensorrt". A requested backend
+                       "compile" (torch.compile), "onnx" (ONNX Runtime), "tensorrt", "aoti" (AOTInductor
+                       packages of the denoiser and the classifier gradient, cached on disk). A requested backend
                        that cannot run raises with what to install; only "auto" falls back.
         backend_options: keyword options of the backend (e.g. {"mode": "max-autotune"} for compile).
         rng:           where the noise comes from. "torch" (default): torch's generator in guided-diffusion's
@@ -630,7 +631,8 @@ class Sampler:
                            prev=torch.zeros_like(x) if deterministic else None)
         first_grad = [True]
         grad_graph = backends.classifier_graph(clf.classifier, backend, x.device, self._classifier_graphs,
-                                               module_signature(clf.classifier)) if clf is not None else None
+                                               module_signature(clf.classifier),
+                                               self.backend_options) if clf is not None else None
 
         def classifier_grad(xx: Tensor, tt: Tensor, yy: Tensor):
             check, first_grad[0] = first_grad[0], False

@@ -59,11 +59,12 @@ def test_extensions_leave_out_only_the_cuda_one(setup_mod, tmp_path, monkeypatch
     from torch.utils import cpp_extension
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(_fake_toolkit(tmp_path, release)))
-    for var in ("CG_FAST_NO_CSRC", "CG_FAST_NO_CUDA", "CG_FAST_REQUIRE_CSRC"):
+    for var in ("CG_FAST_NO_CSRC", "CG_FAST_NO_CUDA", "CG_FAST_REQUIRE_CSRC", "CG_FAST_NO_RUNNER"):
         monkeypatch.delenv(var, raising=False)
     exts, cmdclass = setup_mod._extensions()
     names = [e.name for e in exts]
-    assert names == (["cg_fast._C", "cg_fast._C_cuda"] if with_cuda else ["cg_fast._C"])
+    cpu = ["cg_fast._C", "cg_fast._runner"]
+    assert names == (cpu + ["cg_fast._C_cuda"] if with_cuda else cpu)
     if not with_cuda:
         err = capsys.readouterr().err
         assert "CUDA 13.0" in err and "CUDA 12.8" in err and "CPU operators only" in err
@@ -76,15 +77,15 @@ def test_a_failed_toolchain_check_still_builds_the_cpu_extension(setup_mod, tmp_
     from torch.utils import cpp_extension
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(_fake_toolkit(tmp_path, "12.8")))
-    for var in ("CG_FAST_NO_CSRC", "CG_FAST_NO_CUDA", "CG_FAST_REQUIRE_CSRC"):  # CI sets REQUIRE for its own build
-        monkeypatch.delenv(var, raising=False)
+    for var in ("CG_FAST_NO_CSRC", "CG_FAST_NO_CUDA", "CG_FAST_REQUIRE_CSRC", "CG_FAST_NO_RUNNER"):
+        monkeypatch.delenv(var, raising=False)  # CI sets REQUIRE for its own build
     exts, cmdclass = setup_mod._extensions()
     built = []
     _fail_the_cuda_toolchain_check(monkeypatch, cpp_extension, built)
     cmd = cmdclass["build_ext"](Distribution())
     cmd.extensions = exts
     cmd.build_extensions()
-    assert built == ["cg_fast._C"]
+    assert built == ["cg_fast._C", "cg_fast._runner"]
     assert "leaving out the CUDA operators" in capsys.readouterr().err
 
 
@@ -116,3 +117,33 @@ def _fail_the_cuda_toolchain_check(monkeypatch, cpp_extension, built: list) -> N
         built.extend(e.name for e in self.extensions)
 
     monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", fake_build)
+
+
+def test_the_runner_is_optional_even_when_csrc_is_required(setup_mod, monkeypatch, capsys):
+    """CG_FAST_REQUIRE_CSRC=1 covers cg_fast._C; the C++ runner stays optional (its failed build is reported and
+    skipped) unless CG_FAST_REQUIRE_RUNNER=1; CG_FAST_NO_RUNNER=1 leaves it out."""
+    from setuptools import Distribution
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("CG_FAST_NO_CUDA", "1")
+    monkeypatch.setenv("CG_FAST_REQUIRE_CSRC", "1")
+    for var in ("CG_FAST_NO_CSRC", "CG_FAST_REQUIRE_RUNNER", "CG_FAST_NO_RUNNER"):
+        monkeypatch.delenv(var, raising=False)
+    exts, cmdclass = setup_mod._extensions()
+    assert {e.name: e.optional for e in exts} == {"cg_fast._C": False, "cg_fast._runner": True}
+    built = []
+
+    def fake_build_extension(self, ext):
+        if ext.name == "cg_fast._runner":
+            raise RuntimeError("model_package_loader.h: No such file or directory")
+        built.append(ext.name)
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", fake_build_extension)
+    cmd = cmdclass["build_ext"](Distribution())
+    cmd.build_extension(exts[0])
+    cmd.build_extension(exts[1])
+    assert built == ["cg_fast._C"] and "building cg_fast._runner failed" in capsys.readouterr().err
+    monkeypatch.setenv("CG_FAST_REQUIRE_RUNNER", "1")
+    assert {e.name: e.optional for e in setup_mod._extensions()[0]}["cg_fast._runner"] is False
+    monkeypatch.setenv("CG_FAST_NO_RUNNER", "1")
+    assert [e.name for e in setup_mod._extensions()[0]] == ["cg_fast._C"]

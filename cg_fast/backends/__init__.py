@@ -6,6 +6,8 @@
     compile    ``torch.compile`` (option ``mode``: default, reduce-overhead, max-autotune)
     onnx       exported with ``torch.onnx.export`` and run by ONNX Runtime (CPU or CUDA provider)
     tensorrt   ONNX -> TensorRT engine (fp16/bf16, static shapes), engines cached on disk
+    aoti       AOTInductor ``.pt2`` packages of the denoiser and of the classifier gradient (forward +
+               backward), compiled once per static shape and cached on disk: a new process loads, never compiles
     auto       CUDA -> cudagraph (ready after one capture per step kind); CPU -> eager. TensorRT is never
                picked by auto: its engine build takes minutes per model and shape, so it runs only when asked.
 
@@ -14,7 +16,8 @@ install; nothing falls back silently except ``auto``.
 
 The classifier of classifier guidance stays in PyTorch (TensorRT and ONNX have no autograd). With the
 backends that do not capture whole steps (onnx, tensorrt, compile) on CUDA, its forward + backward is still
-replayed from a CUDA graph (:func:`classifier_graph`); with cudagraph it is part of the guided step's graph.
+replayed from a CUDA graph (:func:`classifier_graph`); with cudagraph it is part of the guided step's graph;
+with aoti it runs from its own package (:class:`~cg_fast.backends.aoti.AotiClassifierGrad`), on any device.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch import Tensor
 __all__ = ["BACKENDS", "BackendUnavailable", "check_name", "why_unavailable", "resolve", "make_denoiser",
            "classifier_graph"]
 
-BACKENDS = ("auto", "eager", "cudagraph", "compile", "onnx", "tensorrt")
+BACKENDS = ("auto", "eager", "cudagraph", "compile", "onnx", "tensorrt", "aoti")
 
 
 class BackendUnavailable(RuntimeError):
@@ -48,6 +51,10 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     check_name(name)
     cuda = device.type == "cuda" and torch.cuda.is_available()
     if name in ("auto", "eager", "compile"):
+        return None
+    if name == "aoti":
+        if not hasattr(torch._C, "_aoti"):  # (not torch._inductor: importing it costs ~2 s of a cold start)
+            return f"backend 'aoti' needs torch >= 2.6 (AOTInductor packages), found {torch.__version__}"
         return None
     if name == "cudagraph":
         return None if cuda else f"backend 'cudagraph' needs a CUDA device (sampling on {device.type})"
@@ -97,18 +104,30 @@ def make_denoiser(model: Callable[..., Tensor], name: str, **options: Any) -> Ca
     if name == "tensorrt":
         from .tensorrt import TensorRTDenoiser
         return TensorRTDenoiser(model, **options)
+    if name == "aoti":
+        from .aoti import AotiDenoiser
+        return AotiDenoiser(model, **options)
     raise ValueError("backend 'auto' must be resolved first: backends.resolve('auto', device)")
 
 
 def classifier_graph(classifier: Callable[[Tensor, Tensor], Tensor], backend: str, device: torch.device,
-                     cache: dict[Any, Any], key: Any) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+                     cache: dict[Any, Any], key: Any, options: dict[str, Any] | None = None,
+                     ) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
     """The classifier gradient ``(x, t, y) -> (g, logits)`` replayed from a CUDA graph, for the denoiser
-    backends that leave the classifier out of their graphs (onnx, tensorrt, compile) on CUDA; None where the
+    backends that leave the classifier out of their graphs (onnx, tensorrt, compile) on CUDA, or run from an
+    AOTInductor package (aoti, any device; ``options``: the backend's, e.g. ``cache_dir``); None where the
     gradient runs otherwise (eager; cudagraph, which captures it inside the guided step; the CPU).
 
     ``cache`` (owned by the caller, e.g. the sampler) keeps one graphed gradient per ``key`` (the classifier's
     :func:`cg_fast.engine.module_signature`), so later runs replay what the first captured.
     """
+    if backend == "aoti":
+        if not isinstance(classifier, torch.nn.Module):
+            return None  # a plain function has no weights to key a package: it runs eagerly
+        if key not in cache:
+            from .aoti import make_classifier_grad
+            cache[key] = make_classifier_grad(classifier, **(options or {}))
+        return cache[key]
     from .cudagraph import CUDAGraphClassifierGrad
 
     graphs_here = device.type == "cuda" or CUDAGraphClassifierGrad._api is not torch.cuda  # (tests emulate)

@@ -1,4 +1,5 @@
-"""On-disk cache of built engines (TensorRT), keyed by everything that invalidates one.
+"""On-disk cache of built engines (TensorRT engines, AOTInductor ``.pt2`` packages), keyed by everything that
+invalidates one.
 
 An engine is valid only for the weights it was built from, its static shapes and precision, the GPU it
 was built on and the TensorRT version that built it. :class:`EngineKey` hashes those into a file name;
@@ -112,14 +113,15 @@ def remove_entry(path: Path) -> None:
 
 
 class EngineCache:
-    """A directory of ``<digest>.engine`` blobs with ``<digest>.json`` sidecars (see the module docstring).
+    """A directory of ``<digest>.engine`` blobs (``suffix``) with ``<digest>.json`` sidecars (module docstring).
 
     ``writable`` is False when the folder cannot be created or written: loads miss, stores are skipped (one
     warning), and :meth:`get_or_build` still returns the built engine.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, suffix: str = ".engine") -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
+        self.suffix = suffix  # of the blob file (".engine" for TensorRT, ".pt2" for AOTInductor packages)
         self.writable = True
         self._warned = False
         try:
@@ -137,7 +139,7 @@ class EngineCache:
 
     def paths(self, key: EngineKey) -> tuple[Path, Path]:
         d = key.digest()
-        return self.root / f"{d}.engine", self.root / f"{d}.json"
+        return self.root / f"{d}{self.suffix}", self.root / f"{d}.json"
 
     def load(self, key: EngineKey) -> bytes | None:
         """The cached blob, or None if absent or invalid (an invalid entry is removed)."""

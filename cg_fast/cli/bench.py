@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="unguided, full, compg (CompG rate 5, k 1), uniform, early_stop (default: the first three)")
     b.add_argument("--backends", nargs="+", default=["auto"],
                    help="auto (default: cudagraph on CUDA, eager on the CPU), eager, cudagraph, compile, onnx, "
-                        "tensorrt")
+                        "tensorrt, aoti")
     b.add_argument("--batch-sizes", "--batch_size", dest="batch_sizes", nargs="+", type=positive_int, default=[16],
                    help="batch sizes (default 16)")
     b.add_argument("--steps", "--timestep_respacing", default=None,

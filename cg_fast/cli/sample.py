@@ -137,7 +137,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     e.add_argument(*ALIASES["out"], dest="out", action="append", default=None,
                    help="output folder (default out/sample)")
     e.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
-    e.add_argument("--backend", default="auto", help="auto | eager | cudagraph | compile | onnx | tensorrt")
+    e.add_argument("--backend", default="auto", help="auto | eager | cudagraph | compile | onnx | tensorrt | aoti")
     e.add_argument("--kernels", default="auto", help="step kernels: auto | reference | csrc | triton")
     e.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="network compute dtype (default: the published setting)")

@@ -52,6 +52,7 @@
 #include "../step_args.h"
 #include "../step_check.h"
 #include "../step_math.h"
+#include "step_cpu.h"
 
 #define CG_RESTRICT __restrict__
 #define CG_INLINE inline __attribute__((always_inline))
@@ -635,6 +636,10 @@ void run_step_cpu(const StepArgs& p) {
   }
 }
 
+}  // namespace
+
+// The public entry points (csrc/cpu/step_cpu.h): the torch.ops registration below, and the C++ runner
+// (csrc/runner/), which links this file too and calls them directly.
 void ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coef,
                    const std::optional<at::Tensor>& noise, const at::Tensor& out, c10::string_view guide,
                    const std::optional<at::Tensor>& fresh, const std::optional<at::Tensor>& h,
@@ -669,11 +674,32 @@ void dpmpp2m_step_cpu(const at::Tensor& x, const at::Tensor& model_out, const at
   t.finish();
 }
 
-}  // namespace
+void counter_normal_cpu(const at::Tensor& seeds, uint32_t step, const at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() >= 1,
+              "counter_normal_cpu: out must be a contiguous float32 CPU tensor [B, ...]");
+  TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 1 &&
+                  seeds.size(0) == out.size(0),
+              "counter_normal_cpu: seeds must be an int64 CPU tensor [B] (one per row of out)");
+  const at::Tensor s = seeds.contiguous();
+  const int64_t rows = out.size(0), n = rows ? out.numel() / rows : 0;
+  const int64_t* sp = s.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      alignas(64) float z[kChunk];  // counter_noise_chunk writes whole quads
+      const int64_t len = std::min(kChunk, n - i0);
+      counter_noise_chunk(z, static_cast<uint64_t>(sp[b]), step, i0, len);
+      std::memcpy(op + b * n + i0, z, sizeof(float) * len);
+    }
+  }
+}
+
 }  // namespace cg_fast
 
+#ifndef CG_FAST_STEP_NO_REGISTER  // the C++ runner's copy of the kernels registers nothing (csrc/runner/)
 TORCH_LIBRARY_IMPL(cg_fast, CPU, m) {
   m.impl("ddpm_step", &cg_fast::ddpm_step_cpu);
   m.impl("ddim_step", &cg_fast::ddim_step_cpu);
   m.impl("dpmpp2m_step", &cg_fast::dpmpp2m_step_cpu);
 }
+#endif
