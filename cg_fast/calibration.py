@@ -63,7 +63,7 @@ from .policies import Calibrated, Full, gaps
 from .runs import RunError, atomic_write_json, fingerprint, read_json, settings_diff
 
 __all__ = ["Calibration", "calibrate", "calibration_key", "save_calibration", "load_calibration",
-           "calibrated_policy", "shift_coefficients", "record_gram", "segment_costs", "choose_steps",
+           "calibrated_policy", "shift_coefficients", "transport", "record_gram", "segment_costs", "choose_steps",
            "segment_weights", "objective", "module_fingerprint", "KIND"]
 
 KIND = "cg_fast calibration"
@@ -78,13 +78,21 @@ def _check_gram(gram: np.ndarray) -> np.ndarray:
     return g
 
 
-def segment_costs(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Residual and weight of every segment ``[l, r)`` guided at its first step ``l``.
+ANCHORS = ("free", "first")
+TRANSPORTS = ("gaussian", "none")
 
-    Returns ``cost[l, r]`` and ``weight[l, r]`` ([N + 1, N + 1], +inf / 0 where r <= l):
-    ``weight = sum_{t in [l, r)} G[t, l] / G[l, l]`` (0 where G[l, l] = 0: the step has no guidance to scale),
-    ``cost = sum_{t, t' in [l, r)} G[t, t'] - weight * sum_{t in [l, r)} G[t, l]``.
+
+def segment_costs(gram: np.ndarray, anchor: str = "free") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Residual, weight and guided step of every segment ``[l, r)`` (arrays [N + 1, N + 1]; +inf / 0 / -1
+    where r <= l).
+
+    ``anchor="first"``: the segment is guided at its first step l (compress's structure, spec §4);
+    ``"free"``: at the step a in [l, r) with the least residual (the earliest of equal ones). For a guided step
+    a, ``weight = sum_{t in [l, r)} G[t, a] / G[a, a]`` (0 where G[a, a] = 0: no guidance to scale) and
+    ``cost = sum_{t, t' in [l, r)} G[t, t'] - weight * sum_{t in [l, r)} G[t, a]``.
     """
+    if anchor not in ANCHORS:
+        raise ValueError(f"unknown anchor {anchor!r}: use one of {ANCHORS}")
     g = _check_gram(gram)
     n = g.shape[0]
     q = np.zeros((n + 1, n + 1))
@@ -93,25 +101,34 @@ def segment_costs(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p[1:] = g.cumsum(0)  # p[r, a] = sum_{t < r} G[t, a]
     l_idx, r_idx = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     sq = q[r_idx, r_idx] - q[l_idx, r_idx] - q[r_idx, l_idx] + q[l_idx, l_idx]  # E||S_lr||^2
-    lc = np.minimum(l_idx, n - 1)
-    cross = p[r_idx, lc] - p[l_idx, lc]  # E<S_lr, u_l>
-    diag = np.diag(g)[lc]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = np.where(diag > 0, cross / np.where(diag > 0, diag, 1.0), 0.0)
-    cost = sq - weight * cross
-    valid = r_idx > l_idx
-    return np.where(valid, np.maximum(cost, 0.0), np.inf), np.where(valid, weight, 0.0)
+    diag = np.diag(g)
+    best_cost = np.full((n + 1, n + 1), np.inf)
+    best_w = np.zeros((n + 1, n + 1))
+    best_a = np.full((n + 1, n + 1), -1, dtype=np.int64)
+    for a in range(n) if anchor == "free" else [None]:
+        av = l_idx.clip(max=n - 1) if a is None else np.full_like(l_idx, a)
+        cross = p[r_idx, av] - p[l_idx, av]  # E<S_lr, u_a>
+        d = diag[av]
+        w = np.where(d > 0, cross / np.where(d > 0, d, 1.0), 0.0)
+        cost = np.maximum(sq - w * cross, 0.0)
+        inside = (r_idx > l_idx) & (av >= l_idx) & (av < r_idx)
+        better = inside & (cost < best_cost)
+        best_cost = np.where(better, cost, best_cost)
+        best_w = np.where(better, w, best_w)
+        best_a = np.where(better, av, best_a)
+    return best_cost, best_w, best_a
 
 
-def choose_steps(gram: np.ndarray, budget: int) -> tuple[list[int], list[float], float]:
-    """The K = min(budget, N) guided steps (step 0 first) and weights minimising J (module docstring).
+def choose_steps(gram: np.ndarray, budget: int, anchor: str = "free") -> tuple[list[int], list[float], float]:
+    """The K = min(budget, N) guided steps and weights minimising J (module docstring).
 
-    Exact dynamic programme: ``best[k, r]`` = least J of steps [0, r) cut into k segments;
-    ``best[k, r] = min_l best[k-1, l] + cost[l, r]``. Returns (guided steps, weights, J).
+    Exact dynamic programme over segment ends: ``best[k, r]`` = least J of steps [0, r) cut into k segments,
+    ``best[k, r] = min_l best[k-1, l] + cost[l, r]`` (ties: the earliest cut). Returns (guided steps in
+    increasing order, their weights, J).
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1 (the number of guided steps), got {budget!r}")
-    cost, weight = segment_costs(gram)
+    cost, weight, rep = segment_costs(gram, anchor)
     n = cost.shape[0] - 1
     k_max = min(int(budget), n)
     best = np.full((k_max + 1, n + 1), np.inf)
@@ -128,16 +145,18 @@ def choose_steps(gram: np.ndarray, budget: int) -> tuple[list[int], list[float],
         cuts.append(r)
     starts = [0] + cuts[::-1]
     ends = starts[1:] + [n]
+    guided = [int(rep[a, b]) for a, b in zip(starts, ends)]
     weights = [float(weight[a, b]) for a, b in zip(starts, ends)]
-    return starts, weights, float(best[k_max, n])
+    return guided, weights, float(best[k_max, n])
 
 
 def segment_weights(gram: np.ndarray, mask: Sequence[bool]) -> list[float]:
-    """The least-squares weights (per step, 0 where not guided) of a given guided-step ``mask``.
+    """The least-squares weights (per step, 0 where not guided) of a given guided-step ``mask``, each guided
+    step standing in for itself and the skipped steps up to the next one (``anchor="first"``).
 
     Steps before the first guided step have no guided step to stand in for them (they stay unguided).
     """
-    _, weight = segment_costs(gram)
+    _, weight, _ = segment_costs(gram, "first")
     starts = [j for j, m in enumerate(mask) if m]
     ends = starts[1:] + [len(mask)]
     w = [0.0] * len(mask)
@@ -175,11 +194,10 @@ def objective(gram: np.ndarray, weights: Sequence[float], mask: Sequence[bool] |
 
 # -- the measuring run ----------------------------------------------------------------------------------------
 def shift_coefficients(sampler: Any, guidance: Guidance) -> np.ndarray:
-    """``rho_j * c_j`` per step (float64 [N], sampling order): the shift of the clean sample per unit of
-    applied guidance a_j, linearised (module docstring). Includes the scale (s, or w - 1 for CFG)."""
+    """``c_j`` per step (float64 [N], sampling order): the shift of x_{j+1} per unit of applied guidance a_j,
+    linearised (clipping ignored; module docstring). Includes the scale (s, or w - 1 for CFG)."""
     tab = sampler.table(None).double().numpy()
     col = lambda k: tab[:, int(k)]  # noqa: E731
-    rho = 1.0 / np.sqrt(_ab_prev(sampler))
     s = guidance.guide_scale
     sra, srm1 = col(Col.SQRT_RECIP_AC), col(Col.SQRT_RECIPM1_AC)
     method = sampler.method
@@ -191,24 +209,34 @@ def shift_coefficients(sampler: Any, guidance: Guidance) -> np.ndarray:
         dxn_dx0 = col(Col.DPM_C0) + col(Col.DPM_C1)
     if isinstance(guidance, ClassifierGuidance):
         if method == "ddpm":
-            c = col(Col.VAR) * s  # mean' = mean + Var s a (spec §5); learned variance: its fixed column
-        else:  # eps' = eps - sqrt(1 - ab) s a  =>  x0' = x0 + sqrt(1/ab - 1) sqrt(1 - ab) s a
-            c = dxn_dx0 * srm1 * col(Col.DDIM_SQRT_1M_AC) * s
-    else:  # eps = eps_c + (w - 1) a (spec §6), through the prediction's map to x0
-        dx0_do = {"eps": -srm1, "x0": np.ones_like(sra), "v": -col(Col.SQRT_1M_AC)}[sampler.prediction]
-        c = dxn_dx0 * dx0_do * s
-    return rho * c
+            return col(Col.VAR) * s  # mean' = mean + Var s a (spec §5); learned variance: its fixed column
+        # eps' = eps - sqrt(1 - ab) s a  =>  x0' = x0 + sqrt(1/ab - 1) sqrt(1 - ab) s a
+        return dxn_dx0 * srm1 * col(Col.DDIM_SQRT_1M_AC) * s
+    # CFG: eps = eps_c + (w - 1) a (spec §6), through the prediction's map to x0
+    dx0_do = {"eps": -srm1, "x0": np.ones_like(sra), "v": -col(Col.SQRT_1M_AC)}[sampler.prediction]
+    return dxn_dx0 * dx0_do * s
 
 
-def _ab_prev(sampler: Any) -> np.ndarray:
-    """alpha_bar of the level each step lands on (1 after the last step), sampling order."""
-    return np.asarray(sampler.schedule.alphas_cumprod_prev, dtype=np.float64)[::-1].copy()
+def transport(sampler: Any, data_var: float | None) -> np.ndarray:
+    """``rho_j`` per step (float64 [N]): d x0 / d x_{j+1} of the posterior mean for data of per-coordinate
+    variance ``data_var`` (isotropic Gaussian data), ``sqrt(ab) v / (ab v + 1 - ab)`` at the level x_{j+1} lies
+    on (ab = 1 after the last step: rho = 1). ``data_var=None``: all 1 (shifts compared in x-space)."""
+    ab = np.asarray(sampler.schedule.alphas_cumprod_prev, dtype=np.float64)[::-1].copy()  # sampling order
+    if data_var is None:
+        return np.ones_like(ab)
+    if not data_var > 0:
+        raise ValueError(f"data_var must be > 0, got {data_var!r}")
+    return np.sqrt(ab) * data_var / (ab * data_var + 1.0 - ab)
 
 
 def record_gram(sampler: Any, guidance: Guidance, shape: Sequence[int], y: Tensor, *,
-                generator: torch.Generator | None = None, device: Any = None) -> tuple[np.ndarray, dict]:
+                transport_mode: str = "gaussian", generator: torch.Generator | None = None,
+                device: Any = None) -> tuple[np.ndarray, dict]:
     """One full-guidance run of ``guidance`` (policy replaced by :class:`Full`, cache ``drop``) on ``shape``;
-    returns ``G[t, t'] = mean_i <u_t^i, u_t'^i>`` (float64 [N, N]) and the run's cost counts."""
+    returns ``G[t, t'] = mean_i <u_t^i, u_t'^i>`` (float64 [N, N]) and the run's counts (and ``data_var``, the
+    per-coordinate variance of its samples, which the "gaussian" transport uses)."""
+    if transport_mode not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport_mode!r}: use one of {TRANSPORTS}")
     full = replace(guidance, policy=Full(), cache="drop", beta=0.0, decay=1.0)
     coef = shift_coefficients(sampler, full)
     n = sampler.num_steps
@@ -223,12 +251,15 @@ def record_gram(sampler: Any, guidance: Guidance, shape: Sequence[int], y: Tenso
     missing = [j for j, v in enumerate(u) if v is None]
     if missing:
         raise RuntimeError(f"the calibration run returned no guidance at steps {missing[:5]}")
-    flat = torch.stack(u)  # [N, B, D]
+    data_var = float(out.x.double().var(dim=0).mean()) if transport_mode == "gaussian" else None
+    rho = torch.from_numpy(transport(sampler, data_var))
+    flat = torch.stack(u) * rho[:, None, None]  # [N, B, D]
     gram = torch.einsum("tbd,sbd->ts", flat, flat).numpy() / flat.shape[1]
     st = out.stats
     return gram, {"denoiser_passes": st.denoiser_passes, "denoiser_rows": st.denoiser_rows,
                   "classifier_grads": st.classifier_grads,
-                  "classifier_rows": st.classifier_grads * shape[0], "wall_time": round(st.wall_time, 3)}
+                  "classifier_rows": st.classifier_grads * shape[0], "wall_time": round(st.wall_time, 3),
+                  "data_var": data_var}
 
 
 # -- records, keys and files ----------------------------------------------------------------------------------
@@ -246,8 +277,8 @@ def module_fingerprint(obj: Any) -> str:
 
 
 def calibration_key(sampler: Any, guidance: Guidance, budget: int, *, batch: int = 64, seed: int = 0,
-                    y: Tensor | None = None, model_id: str | None = None,
-                    classifier_id: str | None = None) -> dict[str, Any]:
+                    y: Tensor | None = None, anchor: str = "free", transport_mode: str = "gaussian",
+                    model_id: str | None = None, classifier_id: str | None = None) -> dict[str, Any]:
     """Everything a calibration depends on: model, classifier (or CFG null label and channels), scale, method,
     steps (the original timesteps visited), eta, variance, budget, and the calibration batch and seed.
 
@@ -263,7 +294,8 @@ def calibration_key(sampler: Any, guidance: Guidance, budget: int, *, batch: int
             "method": sampler.method, "eta": sampler.eta, "variance": sampler.variance,
             "prediction": sampler.prediction,
             "steps": [int(t) for t in sampler.schedule.original_timesteps_in_sampling_order()],
-            "budget": int(budget), "batch": int(batch), "seed": int(seed),
+            "budget": int(budget), "batch": int(batch), "seed": int(seed), "anchor": anchor,
+            "transport": transport_mode,
             "labels": "cycling" if y is None else fingerprint({"y": torch.as_tensor(y).tolist()})}
 
 
@@ -317,8 +349,9 @@ def _even_mask(n: int, k: int) -> list[bool]:
 
 
 def calibrate(sampler: Any, guidance: Guidance, budget: int, *, sample_shape: Sequence[int], batch: int = 64,
-              y: Tensor | None = None, seed: int = 0, num_classes: int | None = None, model_id: str | None = None,
-              classifier_id: str | None = None, device: Any = None) -> Calibration:
+              y: Tensor | None = None, seed: int = 0, num_classes: int | None = None, anchor: str = "free",
+              transport_mode: str = "gaussian", model_id: str | None = None, classifier_id: str | None = None,
+              device: Any = None) -> Calibration:
     """Measure where ``guidance`` matters on ``sampler`` and choose ``budget`` guided steps and weights.
 
     One full-guidance run of ``batch`` samples of ``sample_shape`` (one sample: (C, H, W), or (d,)) with labels
@@ -338,13 +371,13 @@ def calibrate(sampler: Any, guidance: Guidance, budget: int, *, sample_shape: Se
     y = torch.as_tensor(y).long()
     if y.shape != (batch,):
         raise ValueError(f"y must have shape [{batch}] (one label per calibration sample), got {tuple(y.shape)}")
-    key = calibration_key(sampler, guidance, budget, batch=batch, seed=seed, y=given_y, model_id=model_id,
-                          classifier_id=classifier_id)
+    key = calibration_key(sampler, guidance, budget, batch=batch, seed=seed, y=given_y, anchor=anchor,
+                          transport_mode=transport_mode, model_id=model_id, classifier_id=classifier_id)
     shape = (batch, *(int(v) for v in sample_shape))
     start = time.perf_counter()
-    gram, cost = record_gram(sampler, guidance, shape, y, generator=torch.Generator().manual_seed(seed),
-                             device=device)
-    guided, weights, obj = choose_steps(gram, budget)
+    gram, cost = record_gram(sampler, guidance, shape, y, transport_mode=transport_mode,
+                             generator=torch.Generator().manual_seed(seed), device=device)
+    guided, weights, obj = choose_steps(gram, budget, anchor)
     n = gram.shape[0]
     even = _even_mask(n, min(budget, n))
     cost["calibration_s"] = round(time.perf_counter() - start, 3)
@@ -383,7 +416,8 @@ def calibrated_policy(sampler: Any, guidance: Guidance, budget: int, folder: str
                       allow_calibration: bool = True, **kw: Any) -> Calibrated:
     """The calibrated policy for these settings: loaded from ``folder``, else (``allow_calibration``)
     calibrated now and saved there. A service passes ``allow_calibration=False``: no run at sampling time."""
-    key_kw = {k: kw[k] for k in ("batch", "seed", "y", "model_id", "classifier_id") if k in kw}
+    key_kw = {k: kw[k] for k in ("batch", "seed", "y", "anchor", "transport_mode", "model_id", "classifier_id")
+              if k in kw}
     key = calibration_key(sampler, guidance, budget, **key_kw)
     try:
         return load_calibration(folder, key).policy

@@ -26,28 +26,45 @@ def _gram(n: int, d: int = 5, seed: int = 0) -> np.ndarray:
     return np.einsum("tbd,sbd->ts", u, u) / 4
 
 
-def _brute(gram: np.ndarray, k: int) -> float:
+def _segment_j(gram: np.ndarray, lo: int, hi: int, a: int) -> tuple[float, float]:
+    """Residual and least-squares weight of segment [lo, hi) guided at a, straight from the definition."""
+    s_dot_u = gram[lo:hi, a].sum()
+    w = s_dot_u / gram[a, a] if gram[a, a] > 0 else 0.0
+    return gram[lo:hi, lo:hi].sum() - 2 * w * s_dot_u + w * w * gram[a, a], w
+
+
+def _brute(gram: np.ndarray, k: int, anchor: str) -> float:
+    """Every cut of [0, N) into k segments, every guided step inside each (free) or its first step."""
     n = gram.shape[0]
     best = np.inf
-    for rest in itertools.combinations(range(1, n), k - 1):
-        mask = [j == 0 or j in rest for j in range(n)]
-        best = min(best, objective(gram, segment_weights(gram, mask), mask))
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = list(zip((0,) + cuts, cuts + (n,)))
+        total = 0.0
+        for lo, hi in bounds:
+            reps = range(lo, hi) if anchor == "free" else [lo]
+            total += min(_segment_j(gram, lo, hi, a)[0] for a in reps)
+        best = min(best, total)
     return best
 
 
+@pytest.mark.parametrize("anchor", ["free", "first"])
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 1), (6, 2), (7, 3), (8, 4), (8, 8), (9, 5)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_dp_matches_brute_force(n, k, seed):
+def test_dp_matches_brute_force(n, k, seed, anchor):
     gram = _gram(n, seed=seed)
-    guided, weights, obj = choose_steps(gram, k)
-    assert len(guided) == k and guided[0] == 0 and guided == sorted(set(guided))
-    assert obj == pytest.approx(_brute(gram, k), rel=1e-9, abs=1e-9)
-    per_step = [0.0] * n
-    for j, w in zip(guided, weights):
-        per_step[j] = w
+    guided, weights, obj = choose_steps(gram, k, anchor)
+    assert len(guided) == k and guided == sorted(set(guided))
+    assert obj == pytest.approx(_brute(gram, k, anchor), rel=1e-9, abs=1e-9)
     mask = [j in guided for j in range(n)]
-    assert objective(gram, per_step, mask) == pytest.approx(obj, rel=1e-9, abs=1e-9)
-    assert segment_weights(gram, mask) == pytest.approx(per_step)
+    if anchor == "first":
+        assert guided[0] == 0
+        per_step = [0.0] * n
+        for j, w in zip(guided, weights):
+            per_step[j] = w
+        assert objective(gram, per_step, mask) == pytest.approx(obj, rel=1e-9, abs=1e-9)
+        assert segment_weights(gram, mask) == pytest.approx(per_step)
+    else:  # free anchors can only do better
+        assert obj <= choose_steps(gram, k, "first")[2] + 1e-12
 
 
 def test_weights_are_the_least_squares_optimum():
@@ -68,17 +85,21 @@ def test_constant_u_gives_the_gap_multipliers(mask):
     gram = np.full((len(mask), len(mask)), 2.5)  # u_t the same vector at every step
     assert segment_weights(gram, mask) == pytest.approx([float(m) for m in gaps(mask)])
     assert objective(gram, gaps(mask)) == pytest.approx(0.0, abs=1e-9)
-    guided, weights, obj = choose_steps(gram, 4)
+    guided, weights, obj = choose_steps(gram, 4, "first")
     assert obj == pytest.approx(0.0, abs=1e-9)
     assert weights == pytest.approx([float(m) for m in gaps([j in guided for j in range(len(gram))]) if m])
+    guided, weights, obj = choose_steps(gram, 4, "free")  # any step of a segment stands in for it equally
+    assert obj == pytest.approx(0.0, abs=1e-9) and sum(weights) == pytest.approx(len(mask))
 
 
 def test_segment_costs_zero_guidance_step():
     gram = np.zeros((3, 3))
     gram[1, 1] = gram[2, 2] = gram[1, 2] = gram[2, 1] = 1.0
-    cost, weight = segment_costs(gram)
+    cost, weight, rep = segment_costs(gram, "first")
     assert weight[0, 3] == 0.0 and cost[0, 3] == pytest.approx(4.0)  # nothing to scale at step 0
     assert weight[1, 3] == pytest.approx(2.0) and cost[1, 3] == pytest.approx(0.0)
+    cost, weight, rep = segment_costs(gram, "free")
+    assert rep[0, 3] == 1 and weight[0, 3] == pytest.approx(2.0) and cost[0, 3] == pytest.approx(0.0)
 
 
 def test_dp_rejects_bad_input():
@@ -86,6 +107,8 @@ def test_dp_rejects_bad_input():
         choose_steps(np.eye(3), 0)
     with pytest.raises(ValueError, match="square"):
         choose_steps(np.ones((2, 3)), 1)
+    with pytest.raises(ValueError, match="anchor"):
+        choose_steps(np.eye(3), 1, "middle")
 
 
 # -- policy and plan -------------------------------------------------------------------------------------------
@@ -125,7 +148,7 @@ def test_calibration_is_deterministic_and_accounted(gmm_setup, method):
     a = calibrate(s, guid, 5, sample_shape=(gmm.dim,), batch=16, seed=3, model_id="gmm", classifier_id="exact")
     b = calibrate(s, guid, 5, sample_shape=(gmm.dim,), batch=16, seed=3, model_id="gmm", classifier_id="exact")
     assert a.guided == b.guided and a.weights == b.weights and a.objective == b.objective
-    assert len(a.guided) == 5 and a.guided[0] == 0
+    assert len(a.guided) == 5 and a.cost["data_var"] > 0
     assert a.objective <= a.objective_even + 1e-12 and a.objective < a.objective_none
     n = s.num_steps
     assert a.cost["classifier_grads"] == n and a.cost["classifier_rows"] == 16 * n and a.cost["denoiser_rows"] == 16 * n
@@ -176,6 +199,8 @@ def test_save_load_and_refuse(gmm_setup, tmp_path):
         load_calibration(path, calibration_key(s, guid, 5, **kw))
     with pytest.raises(RunError, match="scale"):
         load_calibration(path, calibration_key(s, replace(guid, scale=2.0), 4, **kw))
+    with pytest.raises(RunError, match="anchor"):
+        load_calibration(path, calibration_key(s, guid, 4, anchor="first", **kw))
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"kind": "cg_fast calibration", "key": key, "guided": [0, 0]}))
     with pytest.raises(RunError, match="broken"):
