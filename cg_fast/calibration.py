@@ -6,38 +6,44 @@ the ordinary sampler with ``cache="compress"``, the weights replacing the gap mu
 It must not touch the sampler's loop or the step kernels.
 
 **What is measured.** One run with full guidance (every step guided, spec §3 ``full``) on a small batch
-records, at every step j, the shift that guidance applies to the sampler's state, transported to t = 0:
+records, at every step j, the shift that guidance applies to the sampler's state:
 
     u_j = rho_j * c_j * a_j            a_j: the fresh guidance (classifier gradient g_j, or d_j = eps_c - eps_u)
 
 * ``c_j`` is d x_{j+1} / d a_j, the step's guidance coefficient (spec §5-§6), linearised (clipping ignored):
   DDPM classifier ``Var_j * s``; DDIM / DPM-Solver++ classifier: the score shift ``-sqrt(1 - ab_j) s a`` moves
   x0 by ``(1 - ab_j) / sqrt(ab_j) * s a``, and x_{j+1} by that times ``dx_{j+1}/dx0`` (DDIM:
-  ``sqrt(ab_prev) - DIR / sqrt(1/ab - 1)``; DPM-Solver++: ``C0 + C1``); CFG ``eps = eps_c + (w-1) a``
-  moves x0 by ``-sqrt(1/ab - 1) (w - 1) a`` (eps prediction; v and x0 predictions likewise) and x_{j+1} by
-  ``dx_{j+1}/dx0`` times that (DDPM: the posterior coefficient POST_C1).
-* ``rho_j = 1 / sqrt(ab_prev_j)`` transports a shift of x_{j+1} to the clean sample with the network's outputs
-  held fixed: for DDPM and DDIM the state's own derivative ``dx_{k+1}/dx_k = sqrt(ab_prev_k / ab_k)`` telescopes
-  to exactly that (for DPM-Solver++ it is the first-order part). So shifts made at different noise levels
-  are compared in one unit (x0), not in the units of their own noisy state.
+  ``sqrt(ab_prev) - DIR / sqrt(1/ab - 1)``; DPM-Solver++: ``C0 + C1``, the part of the multistep correction
+  that lands on the next state); CFG ``eps = eps_c + (w-1) a`` moves x0 by ``-sqrt(1/ab - 1) (w - 1) a``
+  (eps prediction; v and x0 predictions likewise) and x_{j+1} by ``dx_{j+1}/dx0`` times that (DDPM: POST_C1).
+* ``rho_j`` (``transport_mode``): ``"none"`` (default) compares the shifts in x-space, ``rho_j = 1``, as
+  written in issue 19 (``u_t = c_t g_t``). ``"gaussian"`` carries each shift to the clean sample through the
+  posterior mean of isotropic Gaussian data, ``rho_j = sqrt(ab) v / (ab v + 1 - ab)`` at the level x_{j+1} lies
+  on (``v`` the per-coordinate variance of the calibration run's own samples), which discounts the early,
+  noisy steps whose shifts the denoiser largely absorbs.
 
 **What is minimised.** With ``G[t, t'] = E_i <u_t^i, u_t'^i>`` (the mean over the calibration batch), the
-K guided steps ``a_1 = 0 < a_2 < ... < a_K`` cut the N steps into segments ``seg(a_k) = [a_k, a_{k+1})``
-(the guided step stands in for itself and the skipped steps after it, as compress's gap m_j, spec §4), and
+N steps are cut into K segments ``[l_k, r_k)``; each is served by one guided step ``a_k`` inside it, which
+applies ``w_k a_{a_k}`` in place of the whole segment's guidance, and
 
-    J(a, w) = sum_k E || sum_{t in seg(a_k)} u_t  -  w_k u_{a_k} ||^2
+    J(a, w) = sum_k E || sum_{t in [l_k, r_k)} u_t  -  w_k u_{a_k} ||^2
 
-is minimised over the steps a (exactly K of them) and weights w (one scalar per guided step, shared by the
-batch, since the coefficient table is). For a fixed segmentation each w_k is a least-squares fit in closed
-form, ``w_k = sum_{t in seg} G[t, a_k] / G[a_k, a_k]``, leaving the residual
-``sum_{t,t' in seg} G[t, t'] - (sum_{t in seg} G[t, a_k])^2 / G[a_k, a_k]``; the segmentation is then an exact
-O(K N^2) dynamic programme over segment ends (after an O(N^2) table of segment costs from prefix sums of G).
-With constant u (``G`` all equal) every residual is 0 and w_k is the segment's length: today's ``compress``.
-Ties go to the earliest cut, so a calibration is a deterministic function of G.
+is minimised over the cuts, the guided steps and the weights (one scalar per guided step, shared by the
+batch, since the coefficient table is). ``anchor="free"`` (default) lets a_k be any step of its segment (a
+midpoint rule: the guided step may stand in for steps before it too); ``anchor="first"`` fixes a_k = l_k,
+compress's structure (a guided step stands in for itself and the skipped steps after it, spec §4; step 0 is
+then always guided). For given cuts and a_k, w_k is a least-squares fit in closed form,
+``w_k = sum_{t in seg} G[t, a_k] / G[a_k, a_k]``, leaving the residual
+``sum_{t,t' in seg} G[t, t'] - (sum_{t in seg} G[t, a_k])^2 / G[a_k, a_k]``. The table of segment costs takes
+O(N^3) (prefix sums of G, minimised over a_k) and the cuts an exact O(K N^2) dynamic programme. With constant
+u (``G`` all equal) every residual is 0 and, anchored first, w_k is the segment's length: compress's m_j.
+Ties go to the earliest cut and the earliest guided step, so a calibration is a deterministic function of G.
+What J ignores: how a shift made at step j is transformed by the later steps (beyond rho), clipping, and the
+sample-to-sample spread of the best weight (w is shared).
 
 **Files.** A calibration is a small JSON (:func:`save_calibration`, atomic) keyed by the model, the
-classifier (or CFG), the scale, the method, the steps (original timesteps), eta, the budget and the
-calibration batch and seed (:func:`calibration_key`); :func:`load_calibration` refuses a file whose key
+classifier (or CFG), the scale, the method, the steps (original timesteps), eta, the budget, the anchor and
+transport, and the calibration batch, labels and seed (:func:`calibration_key`); :func:`load_calibration` refuses a file whose key
 differs. The digits testbed ships its calibrations in ``cg_fast/testbeds/weights/calibrations/``.
 
 **Cost.** The measuring run is full guidance on ``batch`` rows: N denoiser passes and N classifier gradients
@@ -79,7 +85,7 @@ def _check_gram(gram: np.ndarray) -> np.ndarray:
 
 
 ANCHORS = ("free", "first")
-TRANSPORTS = ("gaussian", "none")
+TRANSPORTS = ("none", "gaussian")
 
 
 def segment_costs(gram: np.ndarray, anchor: str = "free") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -230,7 +236,7 @@ def transport(sampler: Any, data_var: float | None) -> np.ndarray:
 
 
 def record_gram(sampler: Any, guidance: Guidance, shape: Sequence[int], y: Tensor, *,
-                transport_mode: str = "gaussian", generator: torch.Generator | None = None,
+                transport_mode: str = "none", generator: torch.Generator | None = None,
                 device: Any = None) -> tuple[np.ndarray, dict]:
     """One full-guidance run of ``guidance`` (policy replaced by :class:`Full`, cache ``drop``) on ``shape``;
     returns ``G[t, t'] = mean_i <u_t^i, u_t'^i>`` (float64 [N, N]) and the run's counts (and ``data_var``, the
@@ -277,7 +283,7 @@ def module_fingerprint(obj: Any) -> str:
 
 
 def calibration_key(sampler: Any, guidance: Guidance, budget: int, *, batch: int = 64, seed: int = 0,
-                    y: Tensor | None = None, anchor: str = "free", transport_mode: str = "gaussian",
+                    y: Tensor | None = None, anchor: str = "free", transport_mode: str = "none",
                     model_id: str | None = None, classifier_id: str | None = None) -> dict[str, Any]:
     """Everything a calibration depends on: model, classifier (or CFG null label and channels), scale, method,
     steps (the original timesteps visited), eta, variance, budget, and the calibration batch and seed.
@@ -350,7 +356,7 @@ def _even_mask(n: int, k: int) -> list[bool]:
 
 def calibrate(sampler: Any, guidance: Guidance, budget: int, *, sample_shape: Sequence[int], batch: int = 64,
               y: Tensor | None = None, seed: int = 0, num_classes: int | None = None, anchor: str = "free",
-              transport_mode: str = "gaussian", model_id: str | None = None, classifier_id: str | None = None,
+              transport_mode: str = "none", model_id: str | None = None, classifier_id: str | None = None,
               device: Any = None) -> Calibration:
     """Measure where ``guidance`` matters on ``sampler`` and choose ``budget`` guided steps and weights.
 

@@ -148,7 +148,7 @@ def test_calibration_is_deterministic_and_accounted(gmm_setup, method):
     a = calibrate(s, guid, 5, sample_shape=(gmm.dim,), batch=16, seed=3, model_id="gmm", classifier_id="exact")
     b = calibrate(s, guid, 5, sample_shape=(gmm.dim,), batch=16, seed=3, model_id="gmm", classifier_id="exact")
     assert a.guided == b.guided and a.weights == b.weights and a.objective == b.objective
-    assert len(a.guided) == 5 and a.cost["data_var"] > 0
+    assert len(a.guided) == 5 and a.cost["data_var"] is None  # transport "none" (default)
     assert a.objective <= a.objective_even + 1e-12 and a.objective < a.objective_none
     n = s.num_steps
     assert a.cost["classifier_grads"] == n and a.cost["classifier_rows"] == 16 * n and a.cost["denoiser_rows"] == 16 * n
@@ -224,3 +224,14 @@ def test_cfg_calibration(tiny_eps):
     assert out.stats.guided_steps == cal.guided
     assert out.stats.denoiser_rows == 2 * (12 + 4)  # B per step + B more at the 4 guided (batched 2B) steps
     assert s.table(g)[cal.guided, Col.G_WEIGHT].tolist() == pytest.approx(cal.weights, rel=1e-6)
+
+
+def test_gaussian_transport(gmm_setup):
+    gmm, clf, samplers = gmm_setup
+    from cg_fast.calibration import transport
+    s = samplers["ddim"]
+    rho = transport(s, 0.3)
+    assert rho[-1] == pytest.approx(1.0) and (np.diff(rho) > 0).all()  # early, noisy shifts count less
+    assert (transport(s, None) == 1.0).all()
+    cal = calibrate(s, ClassifierGuidance(clf, 1.0), 4, sample_shape=(gmm.dim,), batch=8, transport_mode="gaussian")
+    assert cal.cost["data_var"] > 0 and cal.key["transport"] == "gaussian" and len(cal.guided) == 4
