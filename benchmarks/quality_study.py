@@ -203,6 +203,8 @@ class Study:
         i = (len(ladder) - 1) // 2
         while True:
             nbrs = [k for k in (i - 1, i + 1) if 0 <= k < len(ladder)]
+            if not nbrs:  # a one-scale ladder: nothing to tune
+                return ladder[i]
             best = min(nbrs, key=score)
             if score(best) >= score(i):
                 return ladder[i]

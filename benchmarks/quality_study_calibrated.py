@@ -34,12 +34,13 @@ from cg_fast.eval import conditional_sliced_wasserstein
 from cg_fast.guidance import Calibrated, Compress, Full, UniformSkip
 from cg_fast.runs import RunError, atomic_write_json, check_writable, files_fingerprint, new_results, resume_or_refuse
 from cg_fast.sampler import Sampler
+from cg_fast.testbeds.digits import CALIBRATION_BATCH as CAL_BATCH
+from cg_fast.testbeds.digits import CALIBRATION_SEED as CAL_SEED
 from cg_fast.testbeds.digits import WEIGHTS_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))
 import quality_study as qs  # noqa: E402
 
-CAL_BATCH, CAL_SEED = 64, 1000
 # sampler -> (spec, {method: (policy, cache, kw)}); every non-full method spends exactly the budget in gradients
 DESIGN: dict[str, tuple[tuple[str, str], dict[str, tuple[Any, str, dict]]]] = {
     "ddim25": (("ddim25", "ddim"), {"full": (Full(), "drop", {}), "compg r3 k1": (Compress(3, 1), "compress", {}),
@@ -90,9 +91,7 @@ class CalibratedStudy(qs.Study):
         if not isinstance(policy, Calibrated) or policy.guided:
             return policy
         guid = ClassifierGuidance(self.tb.guide, scale, policy=Full(), cache="drop")
-        return calibrated_policy(sampler, guid, policy.budget, self.cal_dir, sample_shape=self.tb.shape(1)[1:],
-                                 batch=CAL_BATCH, seed=CAL_SEED, model_id="digits_uncond",
-                                 classifier_id="digits_guide")
+        return self.tb.calibrated(sampler, guid, policy.budget, self.cal_dir, allow_calibration=True)
 
 
 def run_gmm(out: Path, num_samples: int, seeds: list[int], log: Callable[[str], None]) -> dict:
