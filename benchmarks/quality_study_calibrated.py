@@ -6,9 +6,12 @@ by FD per class, then seeds 0, 1, 2, mean ± std) with its own design and its ow
 ``benchmarks/results/calibrated/`` (never the shipped ``quality_study/``):
 
 * digits testbed, classifier guidance (unconditional UNet + guide): DDIM 25, DPM-Solver++ 2M 20 ("20") and
-  DDPM 250; at each, full guidance, and at one gradient budget (40 % of the steps: 10 of 25, 8 of 20; 27 of 250,
-  CompG rate 10's count) CompG k = 1, uniform skip and the calibrated policy, all with exactly that many
-  classifier gradients;
+  DDPM 250; at DDIM 25 and DPM-Solver++ 20, full guidance and, at 40 % of the gradients (10 of 25, 8 of 20),
+  CompG k = 1, uniform skip and the calibrated policy, all with exactly that many classifier gradients; at
+  DDPM 250 CompG rate 10 against the calibrated policy at its 27 gradients (full guidance and uniform skip at
+  DDPM 250 are in the shipped quality study);
+* scales from the ladder 4, 8, 16, 32, 64, walked from 16 (the quality study's ladder is 0.5 ... 256; every
+  method there was best between 8 and 32 at these samplers);
 * the calibrated method is recalibrated at every scale it is tried at (one full-guidance run of 64 samples,
   seed 1000, labels 0-9 cycling; :func:`cg_fast.calibration.calibrated_policy`), and the calibrations are kept
   in ``<out>/calibrations/`` (reused on resume);
@@ -49,10 +52,13 @@ DESIGN: dict[str, tuple[tuple[str, str], dict[str, tuple[Any, str, dict]]]] = {
     "dpmpp20": (("20", "dpmpp2m"), {"full": (Full(), "drop", {}), "compg r3 k1": (Compress(3, 1), "compress", {}),
                                     "uniform skip r3": (UniformSkip(3), "drop", {}),
                                     "calibrated K8": (Calibrated(8), "compress", {})}),
-    "ddpm250": (("250", "ddpm"), {"full": (Full(), "drop", {}), "compg r10 k1": (Compress(10, 1), "compress", {}),
-                                  "uniform skip r10": (UniformSkip(10), "drop", {}),
+    # DDPM 250: only the issue's comparison (CompG rate 10 vs calibrated at its 27 gradients); full guidance and
+    # uniform skip at DDPM 250 are in the shipped quality study (2 CPU cores shared: 250-step runs are dear)
+    "ddpm250": (("250", "ddpm"), {"compg r10 k1": (Compress(10, 1), "compress", {}),
                                   "calibrated K27": (Calibrated(27), "compress", {})}),
 }
+# a shorter ladder than the quality study's (every method there was best at 8 to 32 here); walked from 16
+SCALES = [4.0, 8.0, 16.0, 32.0, 64.0]
 GMM_DESIGN = {"ddpm250": (("250", "ddpm"), {"full": (Full(), "drop"), "compg r5 k1": (Compress(5, 1), "compress"),
                                              "uniform skip r5": (UniformSkip(5), "drop"),
                                              "calibrated K52": (Calibrated(52), "compress"),
@@ -75,7 +81,7 @@ def settings(q: dict) -> dict:
             "samplers": {k: list(spec) for k, (spec, _) in design.items()},
             "methods": {f"{k}:{m}": f"{p!r} cache={c} {kw}" for k, (_, ms) in design.items()
                         for m, (p, c, kw) in ms.items()},
-            "cg_scales": q.get("cg_scales", qs.CG_SCALES), "calibration": {"batch": CAL_BATCH, "seed": CAL_SEED},
+            "cg_scales": q.get("cg_scales", SCALES), "calibration": {"batch": CAL_BATCH, "seed": CAL_SEED},
             "testbed": files_fingerprint(list(WEIGHTS_DIR.glob("digits_*.pt")))}
 
 
@@ -190,17 +196,40 @@ def write_report(out: Path, results: dict, gmm: dict | None, design: dict, seeds
     return path
 
 
+def ship(study: CalibratedStudy, design: dict, seeds: list[int], dest: Path) -> list[Path]:
+    """Copy into ``dest`` (the testbed's CALIBRATIONS_DIR) the calibration of every calibrated method at the
+    scale the study evaluated it at, and one at full guidance's evaluated scale (calibrated now if missing)."""
+    from cg_fast.calibration import calibration_key, load_calibration, save_calibration
+
+    paths = []
+    for name, (spec, methods) in design.items():
+        rows = qs._rows(study.results, name, "cg", seeds)
+        sampler = study.sampler("uncond", name, spec)
+        for method, (policy, _, _) in methods.items():
+            if not isinstance(policy, Calibrated) or method not in rows:
+                continue
+            for scale in sorted({rows[method]["scale"], rows.get("full", rows[method])["scale"]}):
+                study.resolve(policy, "cg", sampler, scale)  # calibrates if the study never tried this scale
+                guid = ClassifierGuidance(study.tb.guide, scale, policy=Full(), cache="drop")
+                key = calibration_key(sampler, guid, policy.budget, batch=CAL_BATCH, seed=CAL_SEED)
+                paths.append(save_calibration(load_calibration(study.cal_dir, key), dest))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help=f"results folder (default {OUT}; --quick: {QUICK_OUT})")
     p.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
     p.add_argument("--no-gmm", action="store_true", help="skip the Gaussian-mixture section")
     p.add_argument("--calibrated", action="store_true", help=argparse.SUPPRESS)  # forwarded by quality_study.py
+    p.add_argument("--ship", action="store_true",
+                   help="after the study, copy the calibrations at the evaluated scales into the testbed's "
+                        "cg_fast/testbeds/weights/calibrations (the shipped ones)")
     args = p.parse_args(argv)
     q = QUICK if args.quick else {}
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
     design, seeds = q.get("design", DESIGN), q.get("seeds", qs.SEEDS)
-    scales, n = q.get("cg_scales", qs.CG_SCALES), q.get("num_samples", qs.NUM_SAMPLES)
+    scales, n = q.get("cg_scales", SCALES), q.get("num_samples", qs.NUM_SAMPLES)
     gsettings = {"num_samples": q.get("gmm_samples", GMM_SAMPLES), "seeds": seeds, "cal_batch": GMM_CAL_BATCH,
                  "design": {k: {m: f"{pp!r} {c}" for m, (pp, c) in ms.items()} for k, (_, ms) in GMM_DESIGN.items()}}
     try:
@@ -225,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; finished runs are in {study.path} (a rerun resumes)", file=sys.stderr)
         return 130
     print(f"report: {write_report(out, study.results, gmm, design, seeds, n)}")
+    if args.ship:
+        from cg_fast.testbeds.digits import CALIBRATIONS_DIR
+
+        for path in ship(study, design, seeds, CALIBRATIONS_DIR):
+            print(f"shipped: {path}")
     return 0
 
 

@@ -362,8 +362,8 @@ def calibrate(sampler: Any, guidance: Guidance, budget: int, *, sample_shape: Se
 
     One full-guidance run of ``batch`` samples of ``sample_shape`` (one sample: (C, H, W), or (d,)) with labels
     ``y`` (default 0, 1, ... cycling through ``num_classes`` or the sampler's classes) and noise from
-    ``torch.Generator().manual_seed(seed)``, then the
-    dynamic programme of :func:`choose_steps`. Same arguments, same result (the run is seeded).
+    ``torch.Generator().manual_seed(seed)``, then the dynamic programme of :func:`choose_steps`. Same
+    arguments, same result (the run is seeded). ``anchor`` and ``transport_mode``: see the module docstring.
     Sample with ``replace(guidance, policy=cal.policy, cache="compress")``.
     """
     if isinstance(guidance, CFG):

@@ -235,3 +235,24 @@ def test_gaussian_transport(gmm_setup):
     assert (transport(s, None) == 1.0).all()
     cal = calibrate(s, ClassifierGuidance(clf, 1.0), 4, sample_shape=(gmm.dim,), batch=8, transport_mode="gaussian")
     assert cal.cost["data_var"] > 0 and cal.key["transport"] == "gaussian" and len(cal.guided) == 4
+
+
+def test_shipped_digits_calibrations_load_without_a_run():
+    from cg_fast.testbeds.digits import CALIBRATIONS_DIR, load_testbed
+
+    files = sorted(CALIBRATIONS_DIR.glob("*.json"))
+    assert files, "the digits testbed ships its calibrations"
+    tb = load_testbed(networks=("uncond", "guide"))
+    specs = {("ddim", 25): "ddim25", ("dpmpp2m", 20): "20", ("ddpm", 250): "250", ("ddpm", 50): "50"}
+    for path in files:
+        d = json.loads(path.read_text())
+        key = d["key"]
+        s = tb.sampler("uncond", specs[(key["method"], len(key["steps"]))], key["method"])
+        guid = ClassifierGuidance(tb.guide, key["scale"])
+        pol = tb.calibrated(s, guid, key["budget"])  # allow_calibration=False: a missing file would raise
+        assert list(pol.guided) == d["guided"] and len(pol.guided) == key["budget"]
+        assert calibration_key(s, guid, key["budget"], batch=64, seed=1000) == key
+        if key["method"] == "ddim":
+            out = s.sample(tb.shape(4), y=tb.labels(4), guidance=replace(guid, policy=pol, cache="compress"),
+                           generator=torch.Generator().manual_seed(0))
+            assert out.stats.classifier_grads == key["budget"]
