@@ -423,12 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrated", action="store_true",
                    help="the calibrated-policy study (issue 19) instead: benchmarks/quality_study_calibrated.py, "
                         "into benchmarks/results/calibrated (--quick: out/calibrated_quick)")
-    args = p.parse_args(argv)
-    if args.calibrated:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--calibrated" in argv:  # its own options (--ship) are parsed there
         sys.path.insert(0, str(Path(__file__).parent))
         import quality_study_calibrated
 
         return quality_study_calibrated.main(argv)
+    args = p.parse_args(argv)
     q = QUICK if args.quick else {}
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else SHIPPED_OUT)
     samplers, matched = q.get("samplers", SAMPLERS), q.get("matched", MATCHED)
