@@ -48,8 +48,8 @@ differs. The digits testbed ships its calibrations in ``cg_fast/testbeds/weights
 
 **Cost.** The measuring run is full guidance on ``batch`` rows: N denoiser passes and N classifier gradients
 of ``batch`` rows (for CFG, N passes of 2 x batch rows). With batch 64 that is 64 / 50,000 = 0.13 % of the
-denoiser rows of a 50k-sample run and, at a budget of N/5, 0.64 % of its classifier gradients; the record
-states its own counts (``cost``).
+denoiser rows of a 50k-sample run and 0.13 % x N/K of its classifier-gradient rows (0.64 % at K = N/5, 1.2 %
+at K = N/10: use ``batch=32`` there to stay under 1 %); the record states its own counts (``cost``).
 """
 from __future__ import annotations
 

@@ -256,3 +256,16 @@ def test_shipped_digits_calibrations_load_without_a_run():
             out = s.sample(tb.shape(4), y=tb.labels(4), guidance=replace(guid, policy=pol, cache="compress"),
                            generator=torch.Generator().manual_seed(0))
             assert out.stats.classifier_grads == key["budget"]
+
+
+def test_calibration_cost_against_a_50k_run():
+    """The shipped calibrations' recorded cost, as a fraction of a 50k-sample run with the same sampler and budget."""
+    from cg_fast.testbeds.digits import CALIBRATIONS_DIR
+
+    for path in sorted(CALIBRATIONS_DIR.glob("*.json")):
+        d = json.loads(path.read_text())
+        n, k, cost = len(d["key"]["steps"]), d["key"]["budget"], d["cost"]
+        assert cost["denoiser_rows"] == cost["classifier_rows"] == 64 * n and cost["classifier_grads"] == n
+        run_rows = 50_000 * n + 50_000 * k  # denoiser rows + classifier-gradient rows of the 50k run
+        assert (cost["denoiser_rows"] + cost["classifier_rows"]) / run_rows < 0.01
+        assert cost["denoiser_rows"] / (50_000 * n) < 0.0013
