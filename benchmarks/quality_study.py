@@ -17,6 +17,8 @@ Protocol (fixed before any result was seen; nothing here is tuned to make a meth
 
     python benchmarks/quality_study.py                 # the full study (~40 min on 2 CPU cores); resumes
     python benchmarks/quality_study.py --quick         # a smoke run (seconds), into out/quality_study_quick
+    python benchmarks/quality_study.py --calibrated    # the calibrated-policy study (issue 19), into
+                                                       # benchmarks/results/calibrated (quality_study_calibrated.py)
 
 Writes into ``--out`` (default benchmarks/results/quality_study, the shipped results; --quick:
 out/quality_study_quick): results.json (every run, written after each), gmm.json, report.md (the tables),
@@ -122,12 +124,12 @@ def _ms(values: list[float]) -> tuple[float, float]:
 class Study:
     """Runs (sampler, family, method, scale, seed) once each, keeping every result in results.json."""
 
-    def __init__(self, out: Path, settings: dict, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, settings: dict, log: Callable[[str], None] = print, kind: str = KIND) -> None:
         """Opens ``out``/results.json: resumed if it holds the same ``settings`` (study_settings), refused
         (RunError, before any sampling) if it holds others, started if absent."""
         self.out, self.log = out, log
         self.path = check_writable(out / "results.json")
-        self.record = resume_or_refuse(self.path, settings, KIND, log) or new_results(settings, KIND)
+        self.record = resume_or_refuse(self.path, settings, kind, log) or new_results(settings, kind)
         self.results: dict[str, dict] = self.record["runs"]
         if self.results:
             log(f"resuming: {len(self.results)} runs already in {self.path}")
@@ -152,6 +154,7 @@ class Study:
         guid = None
         if mdef is not None:
             policy, cache, kw = mdef
+            policy = self.resolve(policy, family, s, scale)
             guid = (CFG(scale, null_label=10, policy=policy, cache=cache, **kw) if family == "cfg"
                     else ClassifierGuidance(self.tb.guide, scale, policy=policy, cache=cache, **kw))
         probes = {"guide": self.tb.guide, "judge": self.tb.judge} if diagnose else {}
@@ -172,6 +175,10 @@ class Study:
         self.log(f"[{self.done} runs, {el / 60:.1f} min] {key}: fd_class {row['fd_class']:.2f} fd {row['fd']:.2f} "
                  f"judge {row['judge_acc']:.3f} grads {row['classifier_grads']}")
         return row
+
+    def resolve(self, policy: Any, family: str, sampler: Sampler, scale: float) -> Any:
+        """The policy a run samples with (a hook: the calibrated study calibrates here)."""
+        return policy
 
     def real_floor(self, seeds: list[int]) -> dict:
         """Scores of real digits, num_samples / 10 per class drawn (per seed) from the reference set itself:
@@ -196,6 +203,8 @@ class Study:
         i = (len(ladder) - 1) // 2
         while True:
             nbrs = [k for k in (i - 1, i + 1) if 0 <= k < len(ladder)]
+            if not nbrs:  # a one-scale ladder: nothing to tune
+                return ladder[i]
             best = min(nbrs, key=score)
             if score(best) >= score(i):
                 return ladder[i]
@@ -411,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"--quick: {QUICK_OUT}); a folder holding results of other settings is refused")
     p.add_argument("--quick", action="store_true", help="a smoke run: one sampler, tiny sizes (seconds)")
     p.add_argument("--no-gmm", action="store_true", help="skip the Gaussian-mixture section")
+    p.add_argument("--calibrated", action="store_true",
+                   help="the calibrated-policy study (issue 19) instead: benchmarks/quality_study_calibrated.py, "
+                        "into benchmarks/results/calibrated (--quick: out/calibrated_quick)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--calibrated" in argv:  # its own options (--ship) are parsed there
+        sys.path.insert(0, str(Path(__file__).parent))
+        import quality_study_calibrated
+
+        return quality_study_calibrated.main(argv)
     args = p.parse_args(argv)
     q = QUICK if args.quick else {}
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else SHIPPED_OUT)

@@ -11,7 +11,8 @@ into the per-step weights:
 
     mode       guided step j                 skipped step j         state
     drop       G_WEIGHT = 1                  nothing                 none
-    compress   G_WEIGHT = m_j (gap, §4)      nothing                 none
+    compress   G_WEIGHT = m_j (gap, §4),     nothing                 none
+               or a calibrated w_j
     reuse      H_DECAY = 0, G_WEIGHT = 1     H_DECAY = 1             h
     momentum   (beta, 1 - beta); (0, 1) the  H_DECAY = gamma         h
                first time
@@ -54,14 +55,22 @@ def check_cache_args(cache: str, beta: float, decay: float) -> None:
                          f"decay={decay}); use cache='momentum' or leave them at 0.0 and 1.0")
 
 
-def cache_plan(mask: list[bool], cache: str, beta: float = 0.0, decay: float = 1.0) -> CachePlan:
-    """The weights (H_DECAY, G_WEIGHT) of every step for a guided-step ``mask`` (spec §4)."""
+def cache_plan(mask: list[bool], cache: str, beta: float = 0.0, decay: float = 1.0,
+               weights: list[float] | None = None) -> CachePlan:
+    """The weights (H_DECAY, G_WEIGHT) of every step for a guided-step ``mask`` (spec §4).
+
+    ``weights`` (a calibrated policy's w_j, 0 where not guided) replace the gaps m_j of ``cache="compress"``;
+    the other modes use the mask only.
+    """
     check_cache_args(cache, beta, decay)
     n = len(mask)
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"weights has {len(weights)} entries for {n} steps")
     if cache == "drop":
         return CachePlan([0.0] * n, [1.0 if g else 0.0 for g in mask], stateful=False)
     if cache == "compress":
-        return CachePlan([0.0] * n, [float(m) for m in gaps(mask)], stateful=False)
+        m = gaps(mask) if weights is None else [w if g else 0.0 for w, g in zip(weights, mask)]
+        return CachePlan([0.0] * n, [float(v) for v in m], stateful=False)
     if cache == "reuse":
         beta, decay = 0.0, 1.0  # reuse is momentum with beta = 0, gamma = 1 (zero-order hold)
     h_decay, g_weight = [], []

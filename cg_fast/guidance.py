@@ -4,7 +4,7 @@ A guidance object holds the *what* (classifier and scale, or CFG scale and null 
 policy from :mod:`cg_fast.policies`, re-exported here) and the *what in between* (a cache mode from
 :mod:`cg_fast.cache`). It computes fresh guidance only at the policy's steps; the step kernel applies it.
 
-    from cg_fast.guidance import Full, Compress, EarlyStop, UniformSkip, Interval
+    from cg_fast.guidance import Full, Compress, EarlyStop, UniformSkip, Interval, Calibrated
     ClassifierGuidance(classifier, scale=1.0, policy=Compress(rate=5, k=1, final=2), cache="compress")
     CFG(scale=4.0, policy=Compress(rate=5, k=1), cache="drop")   # null label and channels: the model's
 """
@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import CACHE_MODES, CachePlan, cache_plan, check_cache_args
-from .policies import Compress, EarlyStop, Full, Interval, Policy, UniformSkip, make_policy
+from .policies import Calibrated, Compress, EarlyStop, Full, Interval, Policy, UniformSkip, make_policy
 
 __all__ = ["ClassifierGuidance", "CFG", "ClassifierRecord", "classifier_log_prob",
-           "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "Policy", "make_policy", "CACHE_MODES"]
+           "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "Calibrated", "Policy", "make_policy",
+           "CACHE_MODES"]
 
 
 @dataclass
@@ -104,7 +105,8 @@ class ClassifierGuidance:
         return float(self.scale)
 
     def plan(self, mask: list[bool]) -> CachePlan:
-        return cache_plan(mask, self.cache, self.beta, self.decay)
+        """Per-step cache weights for ``mask`` (a calibrated policy's weights replace m_j under compress)."""
+        return cache_plan(mask, self.cache, self.beta, self.decay, self.policy.weights(len(mask)))
 
     def gradient(self, x: Tensor, t: Tensor, y: Tensor, check: bool = True) -> tuple[Tensor, ClassifierRecord]:
         """g = grad_x log softmax(classifier(x, t))[y] (one forward + backward), and the on-sampling record.
@@ -187,7 +189,8 @@ class CFG:
         return float(self.scale) - 1.0
 
     def plan(self, mask: list[bool]) -> CachePlan:
-        return cache_plan(mask, self.cache, self.beta, self.decay)
+        """Per-step cache weights for ``mask`` (a calibrated policy's weights replace m_j under compress)."""
+        return cache_plan(mask, self.cache, self.beta, self.decay, self.policy.weights(len(mask)))
 
 
 def _check_common(g) -> None:

@@ -3,6 +3,10 @@
 A policy is a pure function of the number of steps ``N`` (and, for :class:`Interval`, of the schedule's
 noise levels) computed once before the loop, so control flow inside the loop is static. Masks are in
 sampling order: index ``j = 0`` is the first, noisiest step; the paper counts ``t = N - 1 - j``.
+
+:class:`Calibrated` is the one policy that is measured rather than written down: its guided steps and their
+weights come from a calibration run (:mod:`cg_fast.calibration`), and its weights replace the compress
+multipliers ``m_j`` (spec §4). This module only holds the result; the measuring run and the DP live there.
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from typing import Union
 
 from .schedules import SpacedSchedule
 
-__all__ = ["Policy", "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "gaps", "make_policy",
-           "POLICY_NAMES"]
+__all__ = ["Policy", "Full", "Compress", "EarlyStop", "UniformSkip", "Interval", "Calibrated", "gaps",
+           "make_policy", "POLICY_NAMES"]
 
 Steps = Union[int, SpacedSchedule]
 
@@ -38,6 +42,11 @@ class Policy(ABC):
     def guided_steps(self, steps: Steps) -> list[int]:
         """Sampling-order indices ``j`` with fresh guidance."""
         return [j for j, g in enumerate(self.mask(steps)) if g]
+
+    def weights(self, steps: Steps) -> list[float] | None:
+        """Per-step weights that replace the compress multipliers ``m_j`` (spec §4), 0 where not guided;
+        None (every policy but :class:`Calibrated`): ``cache="compress"`` uses the gaps ``m_j``."""
+        return None
 
 
 def gaps(mask: list[bool]) -> list[int]:
@@ -166,6 +175,63 @@ class Interval(Policy):
                             "pass sampler.schedule")
         sig = steps.sigmas[::-1]  # sampling order
         return [bool(self.lo <= s <= self.hi) for s in sig]
+
+
+@dataclass(frozen=True)
+class Calibrated(Policy):
+    """K guided steps and their weights, chosen by a calibration run (:mod:`cg_fast.calibration`).
+
+    ``Calibrated(budget=K)`` alone is a request: sampling with it raises until it is calibrated. Get a usable
+    one from ``cg_fast.calibration.calibrate(sampler, guidance, budget=K).policy`` (one full-guidance run on a
+    small batch) or ``load_calibration(folder, key).policy`` (a saved JSON; no run at sampling time).
+
+    Fields: ``guided`` the sampling-order indices j of the K guided steps (increasing, j = 0 first),
+    ``step_weights`` their weights w_a (one per guided step), ``num_steps`` the N they were chosen for.
+    With ``cache="compress"`` (the default of the calibrated method) the weights replace the gaps m_j in the
+    G_WEIGHT column; with ``drop`` / ``reuse`` / ``momentum`` only the mask is used.
+    """
+
+    budget: int
+    guided: tuple[int, ...] = ()
+    step_weights: tuple[float, ...] = ()
+    num_steps: int | None = None
+    name = "calibrated"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"Calibrated budget must be an integer >= 1 (the number of guided steps), "
+                             f"got {self.budget!r}")
+        if not self.guided:
+            return
+        n, g = self.num_steps, list(self.guided)
+        if not isinstance(n, int) or n < 1 or len(g) != len(self.step_weights) or len(g) > self.budget \
+                or g != sorted(set(g)) or g[0] < 0 or g[-1] >= n:
+            raise ValueError(f"Calibrated needs increasing guided steps in [0, num_steps), one weight each and at "
+                             f"most budget={self.budget} of them; got guided={self.guided!r}, "
+                             f"step_weights={self.step_weights!r}, num_steps={n!r}")
+
+    def _check(self, steps: Steps) -> int:
+        n = _num_steps(steps)
+        if not self.guided:
+            raise ValueError("Calibrated(budget=...) has not been calibrated: use "
+                             "cg_fast.calibration.calibrate(sampler, guidance, budget).policy, or "
+                             "load_calibration(folder, key).policy for a saved one")
+        if n != self.num_steps:
+            raise ValueError(f"this calibration chose steps for N = {self.num_steps} sampling steps, not {n}: "
+                             "calibrate for this sampler (steps and method are part of the calibration's key)")
+        return n
+
+    def mask(self, steps: Steps) -> list[bool]:
+        n = self._check(steps)
+        guided = set(self.guided)
+        return [j in guided for j in range(n)]
+
+    def weights(self, steps: Steps) -> list[float]:
+        n = self._check(steps)
+        w = [0.0] * n
+        for j, wj in zip(self.guided, self.step_weights):
+            w[j] = float(wj)
+        return w
 
 
 POLICY_NAMES = ("full", "compress", "early_stop", "uniform", "interval")

@@ -56,3 +56,35 @@ def test_ladder_search_finds_the_local_minimum(tmp_path):
     best = study.tune("cg", "s", ("1", "ddpm"), "m", None, qs.CG_SCALES)
     assert best == 16.0
     assert set(calls) <= set(qs.CG_SCALES) and 256.0 not in calls
+
+
+def _load_calibrated():
+    import sys
+
+    sys.path.insert(0, str(STUDY.parent))
+    spec = importlib.util.spec_from_file_location("quality_study_calibrated", STUDY.parent / "quality_study_calibrated.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_calibrated_study_smoke(tmp_path, capsys, monkeypatch):
+    """The --calibrated design: matched gradient budgets, calibrations saved beside the results, targets judged,
+    a rerun resumes (tiny sizes: 20 samples, one seed, one scale)."""
+    cs = _load_calibrated()
+    monkeypatch.setitem(cs.QUICK, "num_samples", 20)
+    monkeypatch.setitem(cs.QUICK, "seeds", [0])
+    monkeypatch.setitem(cs.QUICK, "cg_scales", [16.0])
+    assert cs.main(["--quick", "--no-gmm", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    grads = {k.split("|")[2]: v["classifier_grads"] for k, v in runs.items()}
+    assert grads == {"full": 25, "compg r3 k1": 10, "uniform skip r3": 10, "calibrated K10": 10}
+    (cal,) = (tmp_path / "calibrations").glob("classifier-ddim25-s16-K10-*.json")
+    assert len(json.loads(cal.read_text())["guided"]) == 10
+    report = (tmp_path / "report.md").read_text()
+    assert "### Targets (issue 19)" in report and "| calibrated K10 |" in report
+    capsys.readouterr()
+    assert cs.main(["--quick", "--no-gmm", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "fd_class" not in out

@@ -38,9 +38,12 @@ from ..schedules import NoiseSchedule
 from .digits_data import SPLIT_SEED, load_digits_data
 from .digits_nets import build_net
 
-__all__ = ["DigitsTestbed", "load_testbed", "WEIGHTS_DIR", "NETWORKS", "save_net", "load_net"]
+__all__ = ["DigitsTestbed", "load_testbed", "WEIGHTS_DIR", "CALIBRATIONS_DIR", "NETWORKS", "save_net", "load_net"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# calibrated policies of the shipped weights (cg_fast.calibration; keyed by a hash of the networks' weights)
+CALIBRATIONS_DIR = WEIGHTS_DIR / "calibrations"
+CALIBRATION_BATCH, CALIBRATION_SEED = 64, 1000
 NETWORKS = ("cond", "uncond", "guide", "judge", "judge_mlp")
 
 
@@ -124,6 +127,18 @@ class DigitsTestbed:
             raise ValueError(f"model must be 'uncond' or 'cond', got {model!r}")
         return Sampler(self.nets[model], self.schedule, steps, method, class_cond=(model == "cond"),
                        clip_denoised=True, num_classes=10, **kw)
+
+    def calibrated(self, sampler: Any, guidance: Any, budget: int, folder: str | Path | None = None,
+                   allow_calibration: bool = False) -> Any:
+        """The calibrated policy (issue 19) of ``guidance`` on ``sampler`` with ``budget`` guided steps, from
+        ``folder`` (default: the calibrations shipped with the weights, CALIBRATIONS_DIR). The key holds a hash
+        of the networks' weights, so retrained weights never get the shipped calibrations. Without a saved one:
+        FileNotFoundError, or (``allow_calibration``) one full-guidance run of 64 samples, saved to ``folder``."""
+        from ..calibration import calibrated_policy
+
+        return calibrated_policy(sampler, guidance, budget, CALIBRATIONS_DIR if folder is None else folder,
+                                 allow_calibration=allow_calibration, sample_shape=self.shape(1)[1:],
+                                 batch=CALIBRATION_BATCH, seed=CALIBRATION_SEED, num_classes=self.num_classes)
 
     # -- scoring ---------------------------------------------------------------------------------------------
     @torch.no_grad()
