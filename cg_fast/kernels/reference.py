@@ -95,6 +95,26 @@ def _eps_from_x0(x: Tensor, x0: Tensor, coef: Tensor) -> Tensor:
     return (_col(coef, Col.SQRT_RECIP_AC, nd) * x - x0) / _col(coef, Col.SQRT_RECIPM1_AC, nd)
 
 
+def _guided_x0_score_form(x: Tensor, model_out: Tensor, coef: Tensor, guide: str, fresh: Tensor | None,
+                          h: Tensor | None, prediction: str, learned_var: bool, clip: bool,
+                          cfg_channels: int | None) -> Tensor:
+    """The guided data prediction of DDIM and DPM-Solver++ (spec §5-§6): CFG combines eps first; classifier
+    guidance shifts the score, ``eps' = eps - sqrt(1 - alpha_bar) * (a * s)`` (ADM ``condition_score``), and x0
+    is recomputed from eps'. Variance channels of a learned-variance output are ignored; ``h`` is updated."""
+    nd = x.dim()
+    eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
+    if guide == "cfg":
+        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
+    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
+    if guide == "classifier":
+        a = _applied_guidance(coef, fresh, h, nd)
+        if a is not None:
+            eps = _eps_from_x0(x, x0, coef)
+            eps = eps - _col(coef, Col.DDIM_SQRT_1M_AC, nd) * (a * _col(coef, Col.GUIDE_S, nd))
+            x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * eps
+    return x0
+
+
 def check_step_args(guide: str, fresh: Tensor | None, h: Tensor | None, cfg_channels: int | None,
                     prediction: str, x: Tensor | None = None, model_out: Tensor | None = None) -> None:
     """The argument errors every implementation raises (ValueError, in this order), before any state (h) is
@@ -226,16 +246,7 @@ def ddim_step_ref(
     check_step_args(guide, fresh, h, cfg_channels, prediction, x, model_out)
     noise = _noise(x, noise, seeds, step_index)
     nd = x.dim()
-    eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
-    if guide == "cfg":
-        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
-    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
-    if guide == "classifier":
-        a = _applied_guidance(coef, fresh, h, nd)
-        if a is not None:
-            eps = _eps_from_x0(x, x0, coef)
-            eps = eps - _col(coef, Col.DDIM_SQRT_1M_AC, nd) * (a * _col(coef, Col.GUIDE_S, nd))
-            x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * eps
+    x0 = _guided_x0_score_form(x, model_out, coef, guide, fresh, h, prediction, learned_var, clip, cfg_channels)
     eps = _eps_from_x0(x, x0, coef)
     mean = x0 * _col(coef, Col.DDIM_SQRT_ACP, nd) + _col(coef, Col.DDIM_DIR, nd) * eps
     x_next = mean + _col(coef, Col.NONZERO, nd) * _col(coef, Col.DDIM_SIGMA, nd) * noise
@@ -293,16 +304,7 @@ def dpmpp2m_step_ref(
     check_prev_arg(x, prev)
     check_no_noise_args(noise, seeds, step_index)
     nd = x.dim()
-    eps_or_o, _ = _split(model_out, x.shape[1], learned_var)
-    if guide == "cfg":
-        eps_or_o = _cfg_combine(eps_or_o, fresh, coef, h, cfg_channels)
-    x0 = _pred_x0(x, eps_or_o, coef, prediction, clip)
-    if guide == "classifier":
-        a = _applied_guidance(coef, fresh, h, nd)
-        if a is not None:
-            eps = _eps_from_x0(x, x0, coef)
-            eps = eps - _col(coef, Col.DDIM_SQRT_1M_AC, nd) * (a * _col(coef, Col.GUIDE_S, nd))
-            x0 = _col(coef, Col.SQRT_RECIP_AC, nd) * x - _col(coef, Col.SQRT_RECIPM1_AC, nd) * eps
+    x0 = _guided_x0_score_form(x, model_out, coef, guide, fresh, h, prediction, learned_var, clip, cfg_channels)
     x_next = (_col(coef, Col.DPM_CX, nd) * x + _col(coef, Col.DPM_C0, nd) * x0
               + _col(coef, Col.DPM_C1, nd) * (x0 - prev))
     prev.copy_(x0)

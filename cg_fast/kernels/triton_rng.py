@@ -28,7 +28,9 @@ BLOCK = 1024  # elements per program of counter_words_triton (a multiple of 4, a
 
 
 def _jit_interprets() -> bool:
-    """Whether ``@triton.jit`` builds interpreted kernels here (TRITON_INTERPRET=1 at import, as triton_step)."""
+    """Whether ``@triton.jit`` builds interpreted kernels: TRITON_INTERPRET=1 when this module was imported
+    (triton_step uses the same answer). Triton decides at decoration time, so a later change of the variable
+    does not affect these kernels."""
     if triton is None:
         return False
 

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from .reference import check_no_noise_args, check_noise_args, check_prev_arg, check_step_args
 from .table import NUM_COLS, Col
-from .triton_rng import counter_normal_block
+from .triton_rng import _INTERPRETED, counter_normal_block  # _INTERPRETED: TRITON_INTERPRET=1 at import
 
 try:  # triton is optional: without it this module imports and available() says False
     import triton
@@ -85,24 +85,6 @@ _GUIDE_CODE = {"none": 0, "classifier": 1, "cfg": 2}  # constexpr GUIDE of the k
 _PRED_CODE = {"eps": 0, "x0": 1, "v": 2}  # constexpr PRED of the kernels
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)  # accepted model-output / fresh dtypes
 _MAX_GRID_Y = 65535  # CUDA limit on the second grid dimension (blocks of one row)
-
-
-def _jit_interprets() -> bool:
-    """Whether ``@triton.jit`` builds interpreted kernels: TRITON_INTERPRET=1 when this module was imported.
-
-    Triton decides at decoration time, so a later change of the variable does not affect these kernels.
-    """
-    if triton is None:
-        return False
-
-    @triton.jit
-    def _probe():
-        pass
-
-    return type(_probe).__name__ == "InterpretedFunction"
-
-
-_INTERPRETED = _jit_interprets()
 
 
 def available() -> bool:
@@ -198,6 +180,30 @@ if triton is not None:
         return tl.math.div_rn(num, tl.broadcast_to(sqrt_recipm1_ac, num.shape))
 
     @triton.jit
+    def _guided_x0_score_form(x, o_ptrs, f_ptrs, h_ptrs, i, mask, guided_limit, c_ptr, c_col,
+                              sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac, s, h_decay, g_weight,
+                              PRED: tl.constexpr, CLIP: tl.constexpr, GUIDE: tl.constexpr,
+                              HAS_FRESH: tl.constexpr, HAS_H: tl.constexpr):
+        """The guided x0 of DDIM and DPM-Solver++ (reference ``_guided_x0_score_form``, spec §5-§6): CFG combines
+        eps first; classifier guidance shifts the score, eps' = eps - sqrt(1 - alpha_bar) * (a * s), x0 from eps'."""
+        eps = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GUIDE == 2:
+            if HAS_FRESH or HAS_H:
+                eps = _cfg_combine(eps, f_ptrs, h_ptrs, i, mask, guided_limit, s, h_decay, g_weight,
+                                   HAS_FRESH, HAS_H)
+        x0 = _pred_x0(x, eps, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac, PRED, CLIP)
+        if GUIDE == 1:
+            if HAS_FRESH or HAS_H:
+                g = 0.0
+                if HAS_FRESH:
+                    g = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
+                a = _applied_guidance(g, h_ptrs, mask, h_decay, g_weight, HAS_FRESH, HAS_H)
+                e = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
+                e = e - _col(c_ptr, _DDIM_SQRT_1M_AC, c_col) * (a * s)
+                x0 = sqrt_recip_ac * x - sqrt_recipm1_ac * e
+        return x0
+
+    @triton.jit
     def _ddpm_step_kernel(
         x_ptr, o_ptr, c_ptr, z_ptr, f_ptr, h_ptr, out_ptr,  # f: classifier g or CFG eps_u; h: cache state
         n, o_row, f_row, c_row, c_col, guided_limit,      # row strides in elements; CFG: i < guided_limit
@@ -274,22 +280,9 @@ if triton is not None:
         noise_scale = _col(c_ptr, _NONZERO, c_col) * _col(c_ptr, _DDIM_SIGMA, c_col)  # NONZERO * sigma, in order
 
         x = tl.load(x_ptr + b * n + i, mask=mask, other=0.0)
-        eps = tl.load(o_ptr + b * o_row + i, mask=mask, other=0.0).to(tl.float32)
-        if GUIDE == 2:
-            if HAS_FRESH or HAS_H:
-                eps = _cfg_combine(eps, f_ptr + b * f_row + i, h_ptr + b * n + i, i, mask, guided_limit,
-                                   s, h_decay, g_weight, HAS_FRESH, HAS_H)
-        x0 = _pred_x0(x, eps, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac, PRED, CLIP)
-        # classifier guidance shifts the score: eps' = eps - sqrt(1 - alpha_bar) * (a * s), x0 from eps'
-        if GUIDE == 1:
-            if HAS_FRESH or HAS_H:
-                g = 0.0
-                if HAS_FRESH:
-                    g = tl.load(f_ptr + b * f_row + i, mask=mask, other=0.0).to(tl.float32)
-                a = _applied_guidance(g, h_ptr + b * n + i, mask, h_decay, g_weight, HAS_FRESH, HAS_H)
-                e = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
-                e = e - _col(c_ptr, _DDIM_SQRT_1M_AC, c_col) * (a * s)
-                x0 = sqrt_recip_ac * x - sqrt_recipm1_ac * e
+        x0 = _guided_x0_score_form(x, o_ptr + b * o_row + i, f_ptr + b * f_row + i, h_ptr + b * n + i, i, mask,
+                                   guided_limit, c_ptr, c_col, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac,
+                                   s, h_decay, g_weight, PRED, CLIP, GUIDE, HAS_FRESH, HAS_H)
         # x_prev = x0 sqrt(acp) + sqrt(1 - acp - sigma^2) eps + sigma z   (DDIM eq. 12)
         eps = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
         mean = x0 * sqrt_acp + ddim_dir * eps
@@ -320,22 +313,9 @@ if triton is not None:
         cx, c0, c1 = _col(c_ptr, _DPM_CX, c_col), _col(c_ptr, _DPM_C0, c_col), _col(c_ptr, _DPM_C1, c_col)
 
         x = tl.load(x_ptr + b * n + i, mask=mask, other=0.0)
-        eps = tl.load(o_ptr + b * o_row + i, mask=mask, other=0.0).to(tl.float32)
-        if GUIDE == 2:
-            if HAS_FRESH or HAS_H:
-                eps = _cfg_combine(eps, f_ptr + b * f_row + i, h_ptr + b * n + i, i, mask, guided_limit,
-                                   s, h_decay, g_weight, HAS_FRESH, HAS_H)
-        x0 = _pred_x0(x, eps, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac, PRED, CLIP)
-        # classifier guidance shifts the score: eps' = eps - sqrt(1 - alpha_bar) * (a * s), x0 from eps'
-        if GUIDE == 1:
-            if HAS_FRESH or HAS_H:
-                g = 0.0
-                if HAS_FRESH:
-                    g = tl.load(f_ptr + b * f_row + i, mask=mask, other=0.0).to(tl.float32)
-                a = _applied_guidance(g, h_ptr + b * n + i, mask, h_decay, g_weight, HAS_FRESH, HAS_H)
-                e = _eps_from_x0(x, x0, sqrt_recip_ac, sqrt_recipm1_ac)
-                e = e - _col(c_ptr, _DDIM_SQRT_1M_AC, c_col) * (a * s)
-                x0 = sqrt_recip_ac * x - sqrt_recipm1_ac * e
+        x0 = _guided_x0_score_form(x, o_ptr + b * o_row + i, f_ptr + b * f_row + i, h_ptr + b * n + i, i, mask,
+                                   guided_limit, c_ptr, c_col, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac, sqrt_1m_ac,
+                                   s, h_decay, g_weight, PRED, CLIP, GUIDE, HAS_FRESH, HAS_H)
         # x' = CX x + C0 x0 + C1 (x0 - x0_prev) (multistep, data prediction), then prev <- the guided x0
         x0_prev = tl.load(p_ptr + b * n + i, mask=mask, other=0.0)
         x_next = cx * x + c0 * x0 + c1 * (x0 - x0_prev)

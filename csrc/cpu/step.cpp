@@ -337,6 +337,23 @@ CG_INLINE void loop_ddpm(float* out, const float* x, const float* CG_RESTRICT ep
   }
 }
 
+// The guided x0 of DDIM and DPM-Solver++ (reference _guided_x0_score_form, spec §5): x0; at guided steps
+// (MODE != CACHE_NONE) the cache update of spec §4, the score shift eps' = eps - sqrt(1 - alpha_bar) * (a * s)
+// and x0 from eps'.
+template <int PRED, int MODE>
+CG_INLINE float guided_x0_score_form(float xi, float eps, const float* CG_RESTRICT g, float* CG_RESTRICT h,
+                                     int64_t i, const float* c, bool clip, float sra, float srm1, float s1m,
+                                     float h_decay, float g_weight, float s) {
+  float x0 = pred_x0<PRED>(xi, eps, c, clip);
+  if constexpr (MODE != CACHE_NONE) {
+    const float a = cache_applied<MODE>(MODE == CACHE_FRESH ? 0.0f : h[i], MODE == CACHE_DECAY ? 0.0f : g[i],
+                                        h_decay, g_weight);
+    if constexpr (MODE != CACHE_FRESH) h[i] = a;
+    x0 = x0_from_eps(xi, ddim_shift_eps(eps_from_x0(xi, x0, sra, srm1), s1m, a, s), sra, srm1);
+  }
+  return x0;
+}
+
 // DDIM (spec §5) in one loop: x0; at guided steps the score shift eps' = eps - sqrt(1 - alpha_bar) * (a * s)
 // and x0 from eps'; then eps from x0, mean = x0 * sqrt(alpha_bar_prev) + dir * eps, x' = mean + sigma z.
 template <int PRED, int MODE>
@@ -348,13 +365,8 @@ CG_INLINE void loop_ddim(float* out, const float* x, const float* CG_RESTRICT ep
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float xi = x[i];
-    float x0 = pred_x0<PRED>(xi, eps_in[i], c, clip);
-    if constexpr (MODE != CACHE_NONE) {
-      const float a = cache_applied<MODE>(MODE == CACHE_FRESH ? 0.0f : h[i], MODE == CACHE_DECAY ? 0.0f : g[i],
-                                          h_decay, g_weight);
-      if constexpr (MODE != CACHE_FRESH) h[i] = a;
-      x0 = x0_from_eps(xi, ddim_shift_eps(eps_from_x0(xi, x0, sra, srm1), s1m, a, s), sra, srm1);
-    }
+    const float x0 = guided_x0_score_form<PRED, MODE>(xi, eps_in[i], g, h, i, c, clip, sra, srm1, s1m, h_decay,
+                                                      g_weight, s);
     const float mean = ddim_mean(x0, eps_from_x0(xi, x0, sra, srm1), acp, dir);
     out[i] = add_noise(mean, scale, z[i]);
   }
@@ -371,13 +383,8 @@ CG_INLINE void loop_dpmpp2m(float* out, const float* x, const float* CG_RESTRICT
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float xi = x[i];
-    float x0 = pred_x0<PRED>(xi, eps_in[i], c, clip);
-    if constexpr (MODE != CACHE_NONE) {
-      const float a = cache_applied<MODE>(MODE == CACHE_FRESH ? 0.0f : h[i], MODE == CACHE_DECAY ? 0.0f : g[i],
-                                          h_decay, g_weight);
-      if constexpr (MODE != CACHE_FRESH) h[i] = a;
-      x0 = x0_from_eps(xi, ddim_shift_eps(eps_from_x0(xi, x0, sra, srm1), s1m, a, s), sra, srm1);
-    }
+    const float x0 = guided_x0_score_form<PRED, MODE>(xi, eps_in[i], g, h, i, c, clip, sra, srm1, s1m, h_decay,
+                                                      g_weight, s);
     out[i] = dpmpp2m_update(xi, x0, prev[i], cx, c0, c1);
     prev[i] = x0;
   }
